@@ -1,0 +1,69 @@
+"""Argument validation shared by the ops: every failure names the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(
+    name: str,
+    x,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if x.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name} is on {x.device} but must be on {device} like the other inputs")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError when a floating tensor holds NaN or Inf (one reduction; a device sync on CUDA)."""
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """Validate per-row sample counts; return them as int64 on ``device`` (None means every row is full)."""
+    if lengths is None:
+        return torch.full((batch,), max_len, dtype=torch.int64, device=device)
+    if isinstance(lengths, (list, tuple)):
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    check_tensor("lengths", lengths, ndim=1, dtypes=INT_DTYPES)
+    if lengths.shape[0] != batch:
+        raise ValueError(f"lengths must have one entry per row ({batch}), got {lengths.shape[0]}")
+    if lengths.device != torch.device(device):
+        raise ValueError(f"lengths is on {lengths.device} but waveforms are on {device}")
+    if batch:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > max_len:
+            raise ValueError(f"lengths must lie in [0, {max_len}] (the waveform width), got values in [{lo}, {hi}]")
+    return lengths.to(torch.int64)

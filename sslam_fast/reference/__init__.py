@@ -1,0 +1,1 @@
+"""Plain-PyTorch references of every op: the spec in code, the CPU fallback and the test oracle."""
