@@ -1,0 +1,150 @@
+"""The EAT / SSLAM masked patch loss as a dispatching custom op: ``masked_mse`` (SPEC §4, §5.4).
+
+``masked_mse(pred, target, mask)`` = ``sum over rows, masked tokens and channels of (pred - target)^2 / sqrt(D)``,
+fp32, without gathering the masked tokens and without repeat-interleaving a per-clip target over the clones
+(row r of pred is compared with target row ``r // clones``). Upstream (``d2v_loss`` on ``x[masked_b]``, then the
+criterion's sum) materialises both.
+
+Backends: ``reference`` (plain PyTorch, any device) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+Differentiable in pred and target (custom op ``sslam_fast::masked_mse_backward`` for the gradient).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from sslam_fast import _backend
+from sslam_fast._checks import check_tensor
+from sslam_fast.reference import training as ref
+
+__all__ = ["masked_mse"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fwd_triton(pred, target, mask, clones):
+    from sslam_fast.kernels.loss import masked_mse_fwd_triton
+
+    return masked_mse_fwd_triton(pred, target, mask, clones)
+
+
+def _bwd_triton(grad, pred, target, mask, clones):
+    from sslam_fast.kernels.loss import masked_mse_bwd_triton
+
+    return masked_mse_bwd_triton(grad, pred, target, mask, clones)
+
+
+def _bwd_reference(grad, pred, target, mask, clones):
+    return ref.masked_mse_backward(grad, pred, target, mask, clones).contiguous()
+
+
+_backend.register_op(_backend.OpBackends("masked_mse", kernels={"reference": ref.masked_mse, "triton": _fwd_triton}))
+_backend.register_op(
+    _backend.OpBackends("masked_mse_backward", kernels={"reference": _bwd_reference, "triton": _bwd_triton})
+)
+
+
+# --- custom ops --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sslam_fast::masked_mse", mutates_args=())
+def _masked_mse_op(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, clones: int, backend: str
+) -> torch.Tensor:
+    return _backend.kernel("masked_mse", backend)(pred, target, mask, clones)
+
+
+@_masked_mse_op.register_fake
+def _(pred, target, mask, clones, backend):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("sslam_fast::masked_mse_backward", mutates_args=())
+def _masked_mse_backward_op(
+    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, clones: int, backend: str
+) -> torch.Tensor:
+    return _backend.kernel("masked_mse_backward", backend)(grad, pred, target, mask, clones)
+
+
+@_masked_mse_backward_op.register_fake
+def _(grad, pred, target, mask, clones, backend):
+    return pred.new_empty(pred.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, mask, clones, backend = inputs
+    ctx.save_for_backward(pred, target, mask)
+    ctx.clones, ctx.backend = clones, backend
+
+
+def _backward(ctx, grad):
+    pred, target, mask = ctx.saved_tensors
+    need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_pred or need_target):
+        return None, None, None, None, None
+    grad_pred = _masked_mse_backward_op(grad, pred, target, mask, ctx.clones, ctx.backend)
+    grad_target = None
+    if need_target:  # d/dtarget = -d/dpred, summed over the clone rows that share a target row
+        if ctx.clones == 1:
+            grad_target = grad_pred.neg().to(target.dtype)
+        else:
+            R, N, D = pred.shape
+            grad_target = grad_pred.float().view(R // ctx.clones, ctx.clones, N, D).sum(1).neg_().to(target.dtype)
+    return (grad_pred if need_pred else None), grad_target, None, None, None
+
+
+_masked_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public function ---------------------------------------------------------------------------------------------------
+
+
+def masked_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clones: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """EAT's frame (patch) loss summed over the masked tokens (SPEC §4 ``d2v_loss`` + the criterion's sum).
+
+    Args:
+        pred: (R, N, D) float32 / float16 / bfloat16, the decoder output (any strides over R and N; unit stride
+            over D avoids a copy in the Triton backend).
+        target: (R, N, D), or (B, N, D) with R = B * clones: the per-clip teacher target, compared with pred row r
+            as target row ``r // clones`` (upstream's ``repeat_interleave(clones)`` without the copy). Any float
+            dtype of the three; usually fp32.
+        mask: (R, N) bool, True = masked (the tokens that enter the loss), on pred's device.
+        clones: rows of pred per target row; None infers ``R // B``. Given explicitly, R must equal B * clones.
+        backend: "auto" | "reference" | "triton".
+
+    Returns:
+        fp32 0-dim tensor ``sum_{r, n: mask[r, n]} sum_d (pred[r, n, d] - target[r // clones, n, d])^2 / sqrt(D)``,
+        computed in fp32. Unmasked tokens are never read, so a NaN there does not reach the loss; a NaN at a masked
+        token does (no check: an fp16 overflow must reach the loss scaler). Differentiable in pred and target; the
+        gradient is ``2 (pred - target) mask / sqrt(D)`` times the upstream gradient, in pred's dtype (target's
+        gradient is its negation, summed over the clones, cast to target's dtype).
+    """
+    check_tensor("pred", pred, ndim=3, dtypes=_DTYPES)
+    check_tensor("target", target, ndim=3, dtypes=_DTYPES, device=pred.device)
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,), device=pred.device)
+    R, N, D = pred.shape
+    if target.shape[1:] != pred.shape[1:]:
+        raise ValueError(f"target must have shape (B, {N}, {D}) like pred (R, N, D), got {tuple(target.shape)}")
+    if mask.shape != (R, N):
+        raise ValueError(f"mask must have shape ({R}, {N}) (pred's rows and tokens), got {tuple(mask.shape)}")
+    B = target.shape[0]
+    if clones is None:
+        if (B == 0 and R != 0) or (B and R % B):
+            raise ValueError(f"target rows ({B}) must divide pred rows ({R}) (R = B * clones)")
+        clones = R // B if B else 1
+    else:
+        if isinstance(clones, bool) or not isinstance(clones, numbers.Integral) or clones <= 0:
+            raise ValueError(f"clones must be a positive int, got {clones!r}")
+        if R != B * clones:
+            raise ValueError(f"clones: pred has {R} rows but target has {B} rows x {clones} clones = {B * clones}")
+    chosen = _backend.resolve("masked_mse", backend, pred.device)
+    return _masked_mse_op(pred, target, mask, int(clones), chosen)
