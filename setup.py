@@ -26,7 +26,7 @@ def _extension():
         return CUDAExtension(
             "sslam_fast._C",
             cpp + cu,
-            define_macros=[("WITH_CUDA", "1"), ("Py_LIMITED_API", "0x03090000")],
+            define_macros=[("WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             extra_link_args=openmp,
             py_limited_api=True,
@@ -36,7 +36,6 @@ def _extension():
     return CppExtension(
         "sslam_fast._C",
         cpp,
-        define_macros=[("Py_LIMITED_API", "0x03090000")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=openmp,
         py_limited_api=True,
@@ -48,5 +47,5 @@ setup(
     package_dir={"sslam_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,4 +1,4 @@
-// Batched Kaldi log-mel filterbank on CPU: torch.ops.sslam_fast.fbank_cpu.
+// Batched Kaldi log-mel filterbank on CPU: torch.ops.sslam_fast.fbank_fused (CPU implementation).
 //
 // Computes, for every frame of a padded batch, the same float32 arithmetic as torchaudio.compliance.kaldi.fbank with
 // the EAT/SSLAM settings (snip_edges, DC removal, pre-emphasis 0.97 with replicate padding, window, zero padding to
@@ -674,9 +674,9 @@ at::Tensor fbank_cpu(const at::Tensor& waveforms, const at::Tensor& lengths, con
 
 TORCH_LIBRARY(sslam_fast, m) {
   m.def(
-      "fbank_cpu(Tensor waveforms, Tensor lengths, Tensor offsets, Tensor window, Tensor mel_banks, "
+      "fbank_fused(Tensor waveforms, Tensor lengths, Tensor offsets, Tensor window, Tensor mel_banks, "
       "int frame_length, int frame_shift, int n_fft, int num_frames, int out_frames, float shift, float scale) "
       "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sslam_fast, CPU, m) { m.impl("fbank_cpu", &sslam_fast::fbank_cpu); }
+TORCH_LIBRARY_IMPL(sslam_fast, CPU, m) { m.impl("fbank_fused", &sslam_fast::fbank_cpu); }

@@ -5,8 +5,9 @@ calls :func:`resolve` with the caller's ``backend`` argument and the device its 
 
 Rules:
 - ``backend="auto"`` (the default) takes the fastest backend available for the device: on CUDA ``cuda`` > ``triton`` >
-  ``reference``; on CPU ``cpp`` > ``reference``. When the preferred backend of an op is missing (extension not built,
-  triton not installed) it falls back and warns once per op and device type.
+  ``reference``; on CPU ``cpp`` > ``reference``; an op may set its own order (``OpBackends.preference``). When the
+  preferred backend of an op is missing (extension not built, triton not installed) it falls back and warns once per
+  op and device type.
 - The environment variable ``SSLAM_FAST_BACKEND`` replaces ``auto``. It is global, so an op that does not implement the
   named backend at all ignores it (with one warning); an op that implements it but cannot run it here raises.
 - A backend named explicitly in the call that is unavailable raises ``RuntimeError``.
@@ -76,6 +77,8 @@ class OpBackends:
     kernels: dict[str, Callable] = field(default_factory=dict)
     # backend -> callable(device_type) -> bool, for backends whose availability depends on more than the device
     checks: dict[str, Callable[[str], bool]] = field(default_factory=dict)
+    # device type -> backend order for auto, where an op's fastest backend differs from the default order
+    preference: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def available(self, backend: str, device_type: str) -> bool:
         if backend not in self.kernels:
@@ -136,7 +139,8 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
             )
         return backend
 
-    preferred = [b for b in _PREFERENCE[device_type] if b in ops.kernels]
+    order = ops.preference.get(device_type, _PREFERENCE[device_type])
+    preferred = [b for b in order if b in ops.kernels]
     for b in preferred:
         if ops.available(b, device_type):
             if b != preferred[0]:

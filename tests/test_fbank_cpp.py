@@ -1,4 +1,4 @@
-"""torch.ops.sslam_fast.fbank_cpu (csrc/fbank.cpp) against the plain-PyTorch reference, and its input checks.
+"""torch.ops.sslam_fast.fbank_fused (CPU implementation, csrc/fbank.cpp) against the plain-PyTorch reference, and its input checks.
 
 Tolerance: 1e-4 max abs on the log-mel. The kernel reproduces torch's float32 arithmetic up to and including the FFT
 (frame mean in torch's summation order, torch's own rFFT), so it agrees with the reference to about 1e-6 even where
@@ -29,7 +29,7 @@ def fbank_cpu(x, lengths, offsets=None, num_frames=None, out_frames=None, shift=
         num_frames = P.num_frames(x.shape[1])
     if out_frames is None:
         out_frames = num_frames
-    return torch.ops.sslam_fast.fbank_cpu(
+    return torch.ops.sslam_fast.fbank_fused(
         x, lengths, offsets, ref.hanning(P.frame_length), ref.mel_banks(mels, P.n_fft, SR), P.frame_length,
         P.frame_shift, P.n_fft, num_frames, out_frames, shift, scale,
     )
@@ -179,7 +179,7 @@ def test_narrower_simd_paths(isa):
         "p = ref.FrameParams.at(16000)\n"
         "x = torch.load(__import__('sys').argv[1])\n"
         "L = torch.tensor([12000, 7000, 400])\n"
-        "o = torch.ops.sslam_fast.fbank_cpu(x, L, torch.tensor([0.0, 0.1, -0.1]), ref.hanning(400), "
+        "o = torch.ops.sslam_fast.fbank_fused(x, L, torch.tensor([0.0, 0.1, -0.1]), ref.hanning(400), "
         "ref.mel_banks(100, 512, 16000), 400, 160, 512, 74, 80, 1.0, 0.5)\n"
         "torch.save(o, __import__('sys').argv[2])\n"
     )
@@ -212,7 +212,7 @@ def _args(**override):
 
 
 def test_valid_args_run():
-    assert torch.ops.sslam_fast.fbank_cpu(**_args()).shape == (2, 23, 128)
+    assert torch.ops.sslam_fast.fbank_fused(**_args()).shape == (2, 23, 128)
 
 
 @pytest.mark.parametrize(
@@ -239,4 +239,4 @@ def test_valid_args_run():
 )
 def test_bad_inputs_raise(override, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.sslam_fast.fbank_cpu(**_args(**override))
+        torch.ops.sslam_fast.fbank_fused(**_args(**override))

@@ -22,8 +22,9 @@ __all__ = ["kaldi_fbank", "eat_features"]
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cpp_kernel(waveforms, lengths, offsets, window, banks, p, num_frames, out_frames, shift, scale, out_dtype):
-    out = torch.ops.sslam_fast.fbank_cpu(
+def _fused_kernel(waveforms, lengths, offsets, window, banks, p, num_frames, out_frames, shift, scale, out_dtype):
+    """``sslam_fast._C``'s fbank_fused: the C++ kernel on CPU tensors, the CUDA one (cuFFT, exact fp32) on GPU."""
+    out = torch.ops.sslam_fast.fbank_fused(
         waveforms, lengths, offsets, window, banks, p.frame_length, p.frame_shift, p.n_fft, num_frames, out_frames,
         shift, scale,
     )
@@ -54,8 +55,14 @@ def _rate_of(p: ref.FrameParams) -> int:
 _FBANK = _backend.register_op(
     _backend.OpBackends(
         "fbank",
-        kernels={"reference": _reference_kernel, "cpp": _cpp_kernel, "triton": _triton_kernel},
-        checks={"cpp": lambda d: _backend.extension_has("fbank_cpu")},
+        kernels={"reference": _reference_kernel, "cpp": _fused_kernel, "triton": _triton_kernel, "cuda": _fused_kernel},
+        checks={
+            "cpp": lambda d: _backend.extension_has("fbank_fused"),
+            "cuda": lambda d: _backend.cuda_extension_built() and _backend.extension_has("fbank_fused"),
+        },
+        # The fused Triton kernel reads the waveform once and writes the output once; the CUDA path writes frames
+        # and a complex spectrum in between (cuFFT), so Triton is preferred on the GPU.
+        preference={"cuda": ("triton", "cuda", "reference")},
     )
 )
 
