@@ -107,7 +107,7 @@ def _eat_features_op(
 ) -> torch.Tensor:
     if backend == "reference":
         return ref.eat_features(waveforms, lengths, target_length, norm_mean, norm_std, dtype)
-    x = ref.zero_tail(waveforms, lengths)
+    x = waveforms.to(torch.float32)
     offsets = ref.clip_means(x, lengths)
     p = ref.FrameParams.at(ref.EAT_SAMPLE_RATE)
     num_frames = min(p.num_frames(x.shape[1]), target_length)
@@ -182,10 +182,10 @@ def resample_rows(waveforms: torch.Tensor, lengths: torch.Tensor, orig_freq: int
     import torchaudio.functional as AF
 
     new_lengths = (lengths * new_freq + orig_freq - 1) // orig_freq
-    x = ref.zero_tail(waveforms, lengths)
-    if x.is_cuda:
-        y = AF.resample(x, orig_freq, new_freq)
+    if waveforms.is_cuda:
+        y = AF.resample(ref.zero_tail(waveforms, lengths), orig_freq, new_freq)
         return y, new_lengths.clamp_max(y.shape[1])
+    x = waveforms.to(torch.float32)
     width = -(-x.shape[1] * new_freq // orig_freq)
     y = x.new_zeros((x.shape[0], width))
     for b, n in enumerate(lengths.tolist()):

@@ -128,23 +128,23 @@ def kaldi_fbank(
 
 
 def zero_tail(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Float32 copy of the rows with every sample past the row's length set to 0."""
+    """Float32 rows with every sample past the row's length set to 0 (for batched work that reads the padding)."""
     x = waveforms.to(torch.float32)
     valid = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)
     return torch.where(valid, x, torch.zeros_like(x))
 
 
 def clip_means(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 mean of each row over its valid samples.
+    """(B,) float32 mean of each row over its valid samples (0 for an empty row).
 
     On CPU each row's mean is ``x[b, :L].mean()``, the very reduction upstream runs on the clip, so the subtraction
     gives bit-identical samples. That matters: bins whose energy sits near the float32 FFT noise floor (pure tones,
     chirps) move by up to ~1e-2 in the log domain when the FFT input changes by one ulp. On CUDA one batched masked
     sum is used instead (no per-row launches); it can differ from upstream by an ulp.
     """
+    x = x.to(torch.float32)
     if x.is_cuda:
-        valid = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)
-        return torch.where(valid, x, torch.zeros_like(x)).sum(dim=1) / lengths.clamp_min(1).to(torch.float32)
+        return zero_tail(x, lengths).sum(dim=1) / lengths.clamp_min(1).to(torch.float32)
     means = torch.zeros(x.shape[0], dtype=torch.float32)
     for b, n in enumerate(lengths.tolist()):
         if n > 0:
@@ -153,10 +153,9 @@ def clip_means(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def remove_clip_mean(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``x - mean(x)`` over each row's valid samples (SPEC §1.3); samples past the length are set to 0."""
-    x = zero_tail(waveforms, lengths)
-    valid = torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1)
-    return torch.where(valid, x - clip_means(x, lengths).unsqueeze(1), x)
+    """``x - mean(x)`` over each row's valid samples (SPEC §1.3). Samples past a row's length never enter a frame."""
+    x = waveforms.to(torch.float32)
+    return x - clip_means(x, lengths).unsqueeze(1)
 
 
 def normalise_and_pad(
