@@ -10,7 +10,6 @@ import os
 import sys
 
 from setuptools import setup
-
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    cuda_dir = os.path.join("csrc", "cuda")
+    cu = sorted(glob.glob(os.path.join(cuda_dir, "*.cu"))) + sorted(glob.glob(os.path.join(cuda_dir, "*.cpp")))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", "-std=c++20", *openmp]
     want_cuda = os.environ.get("SSLAM_FAST_BUILD_CUDA", "0") == "1"

@@ -48,7 +48,7 @@ INTERPRET_BLOCK = 32
 def tile_config(
     device_type: str, dtype: torch.dtype, head_dim: int, block_m: int | None = None, block_n: int | None = None
 ) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the kernels for a device type, dtype and head dim; block_m / block_n override."""
+    """(BLOCK_M, BLOCK_N, num_warps) for a device type, dtype and head dim; block_m / block_n override."""
     if device_type != "cuda":
         block = INTERPRET_BLOCK
     else:
@@ -71,7 +71,7 @@ def empty_blhd(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty((B, L, H, D), dtype=dtype, device=device).transpose(1, 2)
 
 
-# --- forward -----------------------------------------------------------------------------------------------------------
+# --- forward ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def flash_attention_fwd(
     return out, lse
 
 
-# --- backward ----------------------------------------------------------------------------------------------------------
+# --- backward ---------------------------------------------------------------------------------------------------------
 
 
 @triton.jit

@@ -19,7 +19,7 @@ _MAX_CHUNKS = 256  # longer rows get longer chunks, so the scale kernel never re
 _LN10_OVER_20 = math.log(10.0) / 20.0
 
 
-# --- partial max-mix ---------------------------------------------------------------------------------------------------
+# --- partial max-mix --------------------------------------------------------------------------------------------------
 #
 # Grid (tiles of T*F elements, rows): every program reads its tile of row i and of the partner row i-1 and writes the
 # mix (and, with CONCAT, the copy of row i into the first half of the output). The partner tile is a second read of
@@ -83,7 +83,7 @@ def partial_max_mix_triton(spec: torch.Tensor, s1: int, s2: int, window_frames: 
     return out
 
 
-# --- SNR mixing of waveform pairs --------------------------------------------------------------------------------------
+# --- SNR mixing of waveform pairs -------------------------------------------------------------------------------------
 #
 # Two launches. (1) ``_mix_waveforms_power_kernel``: grid (chunks of a row, rows); each program reads one chunk of a
 # AND b and writes the chunk's two fp32 sums of squares to a (B, n_chunks, 2) buffer. (2) ``_mix_waveforms_fwd_kernel``:

@@ -28,7 +28,7 @@ def _blocks(D: int, tile: int = _TILE) -> tuple[int, int]:
     return block_d, max(1, tile // block_d)
 
 
-# --- clone_gather forward ----------------------------------------------------------------------------------------------
+# --- clone_gather forward ---------------------------------------------------------------------------------------------
 #
 # Grid (rows r of B*K, tiles of BLOCK_T output tokens). Output token t of row r reads the CLS token (t = 0) or
 # x[r // K, ids_keep[r, t - 1]] straight from the (B, N, D) input: ``repeat_interleave(K)`` is never materialised, and
@@ -102,7 +102,7 @@ def clone_gather_fwd_triton(x, ids_keep, clones, cls_token, norm_weight, norm_bi
     return out
 
 
-# --- clone_gather backward ---------------------------------------------------------------------------------------------
+# --- clone_gather backward --------------------------------------------------------------------------------------------
 #
 # dx[b, n] sums the LayerNorm input-gradients of every clone row of clip b that kept token n. Two ways to form it:
 # (a) one program per output row scattering its tokens into an fp32 (B, N, D) buffer with atomics, then a cast pass;
@@ -255,7 +255,7 @@ def clone_gather_bwd_triton(grad, x, ids_keep, clones, cls_token, norm_weight, n
     return dx, dcls, dw, db
 
 
-# --- decoder_scatter ---------------------------------------------------------------------------------------------------
+# --- decoder_scatter --------------------------------------------------------------------------------------------------
 #
 # Forward grid (rows, tiles of output positions): position n of row r copies visible token j = ids_restore[r, n] when
 # j < k, else writes a mask token. The noise is generated in registers (Philox, ``tl.randn4x``: four normals per

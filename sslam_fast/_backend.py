@@ -24,8 +24,8 @@ import importlib.util
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "referenc
 ENV_VAR = "SSLAM_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -45,7 +45,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension():
     """The compiled ``sslam_fast._C`` module, or None when it was not built (logged once)."""
     try:

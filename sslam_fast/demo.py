@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     for backend in _backend.available_backends("fbank", "cpu"):
         if backend == "triton":
             continue  # the interpreter is a correctness tool, not a fast path
-        got, t = _timed(lambda: eat_features(clips, sample_rate=args.sample_rate, backend=backend))
+        got, t = _timed(lambda b=backend: eat_features(clips, sample_rate=args.sample_rate, backend=b))
         err = (got - want).abs()
         print(f"  eat_features[{backend:9s}] {1e3 * t / args.batch:7.3f} ms/clip  {t_up / t:5.2f}x  "
               f"max|err| {err.max():.2e}  mean|err| {err.mean():.2e}")

@@ -11,9 +11,10 @@ from sslam_fast.reference import fbank as ref
 
 
 def exact_logmel(x: torch.Tensor, lengths: torch.Tensor, num_frames: int, banks: torch.Tensor,
-                 p: ref.FrameParams = ref.FrameParams.at(16000)) -> torch.Tensor:
+                 p: ref.FrameParams | None = None) -> torch.Tensor:
     """(B, num_frames, M) float64: framing, DC removal, pre-emphasis and window in fp32 (as the reference), then the
     DFT, mel and log in float64. Frames past a row's count are 0."""
+    p = p or ref.FrameParams.at(16000)
     fr = x.float().unfold(1, p.frame_length, p.frame_shift)[:, :num_frames]
     fr = fr - fr.mean(dim=-1, keepdim=True)
     prev = torch.cat([fr[..., :1], fr[..., :-1]], dim=-1)

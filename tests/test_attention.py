@@ -42,7 +42,7 @@ def _case(B, H, L, D, dtype=torch.float32, marks=()):
 
 
 def _inputs(B, H, L, D, dtype, device=DEV, seed=0):
-    """q, k, v, dO, rounded to ``dtype`` then held in fp32 (the fp32 reference sees exactly the low-precision inputs)."""
+    """q, k, v, dO rounded to ``dtype``, held in fp32 (the fp32 reference sees exactly the low-precision inputs)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, H, L, D, generator=g).to(dtype).float().to(device) for _ in range(4))
     return q, k, v, do
@@ -92,11 +92,11 @@ def nan_buffers(monkeypatch):
     monkeypatch.setattr(kern, "empty_blhd", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
 
 
-# --- reference ---------------------------------------------------------------------------------------------------------
+# --- reference --------------------------------------------------------------------------------------------------------
 
 
 def _upstream_alt_attention(x, w_qkv, b_qkv, num_heads):
-    """``[E] models/modules.py : AltAttention.forward`` up to ``attn @ v`` (no ALiBi, no mask, no dropout), verbatim ops."""
+    """``[E] models/modules.py : AltAttention.forward`` up to ``attn @ v`` (no ALiBi, mask or dropout), same ops."""
     B, N, C = x.shape
     qkv = (x @ w_qkv.T + b_qkv).reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
@@ -130,7 +130,7 @@ def test_reference_matches_float64_definition(D):
     torch.testing.assert_close(ref.attention_lse(q, k).double(), torch.logsumexp(s, -1), rtol=0, atol=2e-6)
 
 
-# --- triton ------------------------------------------------------------------------------------------------------------
+# --- triton -----------------------------------------------------------------------------------------------------------
 
 TRITON_FP32 = [
     _case(1, 1, 1, 64),
@@ -185,7 +185,7 @@ def test_triton_other_tiles(L, block_m, block_n, nan_buffers):
 
 @needs_triton
 def test_triton_upstream_qkv_views_and_strided_grad(nan_buffers):
-    """q, k, v as upstream's permuted qkv views (not contiguous) and a non-contiguous dO: no copies needed, same result."""
+    """q, k, v as upstream's permuted qkv views (not contiguous) and a non-contiguous dO: no copies, same result."""
     B, L, H, D = 2, 23, 3, 64
     g = torch.Generator().manual_seed(4)
     qkv = torch.randn(B, L, 3 * H * D, generator=g).to(DEV).reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
@@ -207,7 +207,7 @@ def test_triton_empty_batch():
     assert q.grad.shape == q.shape
 
 
-# --- cpp (ATen's SDPA CPU kernel) --------------------------------------------------------------------------------------
+# --- cpp (ATen's SDPA CPU kernel) -------------------------------------------------------------------------------------
 
 CPP_CASES = [
     _case(1, 1, 1, 64),
@@ -240,7 +240,7 @@ def test_auto_on_cpu_is_cpp(monkeypatch):
         assert _backend.resolve("attention", "auto", "cpu") == "triton"
 
 
-# --- custom-op plumbing ------------------------------------------------------------------------------------------------
+# --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
 
 @needs_triton
@@ -282,7 +282,7 @@ def test_compile_fullgraph(backend):
     _check_fp32(got, want, atol=1e-5)
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 def test_bad_input():
@@ -321,7 +321,7 @@ def test_bad_input():
             attention(q, q, q, backend="cuda")
 
 
-# --- sm_90 code generation without a GPU -------------------------------------------------------------------------------
+# --- sm_90 code generation without a GPU ------------------------------------------------------------------------------
 
 _SM90_SCRIPT = textwrap.dedent(
     """
@@ -376,7 +376,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert res.stdout.count("_kernel") == 10, res.stdout
 
 
-# --- CUDA --------------------------------------------------------------------------------------------------------------
+# --- CUDA -------------------------------------------------------------------------------------------------------------
 
 # SSLAM stage 2, per GPU: student 192 rows x 103 tokens, teacher 24 x 513, dropped teacher 12 x 273; 12 heads of 64.
 REAL_SHAPES = [(192, 12, 103, 64), (24, 12, 513, 64), (12, 12, 273, 64)]

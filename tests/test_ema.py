@@ -44,7 +44,7 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# --- correctness -------------------------------------------------------------------------------------------------------
+# --- correctness ------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("decay", [0.9998, 0.99999, 0.5, 0.0, 1.0], ids=lambda d: f"decay{d}")
@@ -143,7 +143,7 @@ def test_empty_lists():
     ema_update_([], [], 0.5)  # nothing to do, no error
 
 
-# --- no per-parameter loop ---------------------------------------------------------------------------------------------
+# --- no per-parameter loop --------------------------------------------------------------------------------------------
 
 
 def _count(fn, n_params, sdtype):
@@ -171,7 +171,7 @@ def test_op_count_does_not_scale_with_parameters(sdtype, cast, monkeypatch):
     assert loop_many >= loop_few + 2 * 57
 
 
-# --- schedule ----------------------------------------------------------------------------------------------------------
+# --- schedule ---------------------------------------------------------------------------------------------------------
 
 
 def test_ema_decay_schedule():
@@ -225,7 +225,7 @@ def test_ema_update_bad_arguments():
     assert all(torch.equal(a, b) for a, b in zip(t, before))  # validation happens before any update
 
 
-# --- CUDA --------------------------------------------------------------------------------------------------------------
+# --- CUDA -------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

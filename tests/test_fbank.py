@@ -1,4 +1,4 @@
-"""kaldi_fbank and eat_features, every backend, against torchaudio's per-clip Kaldi fbank (the upstream loader's path)."""
+"""kaldi_fbank and eat_features, every backend, against torchaudio's per-clip Kaldi fbank (the upstream loader)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
-
 from fbank_oracle import exact_logmel
 
 from sslam_fast import _backend

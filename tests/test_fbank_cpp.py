@@ -1,4 +1,4 @@
-"""torch.ops.sslam_fast.fbank_fused (CPU implementation, csrc/fbank.cpp) against the plain-PyTorch reference, and its input checks.
+"""torch.ops.sslam_fast.fbank_fused on CPU (csrc/fbank.cpp) against the plain-PyTorch reference; its input checks.
 
 Tolerance: 1e-4 max abs on the log-mel. The kernel reproduces torch's float32 arithmetic up to and including the FFT
 (frame mean in torch's summation order, torch's own rFFT), so it agrees with the reference to about 1e-6 even where

@@ -14,11 +14,8 @@ the exact DFT of the very same frames, so no other fp32 DFT can agree with it to
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +25,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+import sslam_fast.kernels.fbank as fbk  # noqa: E402
 from fbank_oracle import exact_logmel  # noqa: E402
 
 from sslam_fast.reference import fbank as ref  # noqa: E402
-
-
-import sslam_fast.kernels.fbank as fbk  # noqa: E402
 
 fbank_triton = fbk.fbank_triton
 

@@ -5,9 +5,7 @@ Triton kernels run on CUDA when there is one, else on CPU under the interpreter 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +37,7 @@ def _mix_by_definition(spec: torch.Tensor, s1: int, s2: int, W: int) -> torch.Te
     return out
 
 
-# --- partial_max_mix ---------------------------------------------------------------------------------------------------
+# --- partial_max_mix --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +113,8 @@ def test_partial_max_mix_nan_propagates_like_torch_max():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_partial_max_mix_matches_upstream_form(backend):
-    # [S] EAT_pretraining.py: roll1 = torch.roll(source, 1, 0); roll1[:, :, idx:idx+240, :] = -inf; torch.max(source, roll1)
+    # [S] EAT_pretraining.py: roll1 = torch.roll(source, 1, 0); roll1[:, :, idx:idx+240, :] = -inf;
+    # torch.max(source, roll1)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 1, 1024, 16, generator=g).to(torch.float16).to(DEV)
     s1, s2 = sample_mix_windows(g)
@@ -136,7 +135,7 @@ def test_partial_max_mix_empty_batch():
         assert partial_max_mix(spec, (0, 4), window_frames=2, concat=True, backend="triton").shape == (0, 1, 8, 2)
 
 
-# --- sample_mix_windows ------------------------------------------------------------------------------------------------
+# --- sample_mix_windows -----------------------------------------------------------------------------------------------
 
 
 def test_sample_mix_windows_distribution():
@@ -200,7 +199,7 @@ def test_sample_mix_windows_bad_arguments():
         sample_mix_windows(1234)
 
 
-# --- mix_waveforms -----------------------------------------------------------------------------------------------------
+# --- mix_waveforms ----------------------------------------------------------------------------------------------------
 
 
 def _pair(B, N, dtype=torch.float32, seed=0):
@@ -266,7 +265,7 @@ def test_mix_waveforms_silent_rows(backend):
     assert not torch.allclose(out[0], a[0])
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 def test_partial_max_mix_bad_input():
@@ -353,7 +352,7 @@ def test_backend_resolution_on_cpu(monkeypatch):
         assert _backend.resolve("mix_waveforms", "auto", "cpu") == "triton"
 
 
-# --- custom-op plumbing ------------------------------------------------------------------------------------------------
+# --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -397,7 +396,7 @@ def test_compile_fullgraph_keeps_op_opaque():
     torch.testing.assert_close(compiled_aot(x, 0, 8), f(x, 0, 8), rtol=0, atol=0)
 
 
-# --- CUDA --------------------------------------------------------------------------------------------------------------
+# --- CUDA -------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

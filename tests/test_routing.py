@@ -86,7 +86,7 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-# --- clone_gather ------------------------------------------------------------------------------------------------------
+# --- clone_gather -----------------------------------------------------------------------------------------------------
 
 
 def test_reference_by_definition():
@@ -162,7 +162,7 @@ def test_clone_gather_cls_shapes_and_noncontiguous_x(backend):
     assert leaf.grad.shape == (D,)
 
 
-# --- decoder_scatter ---------------------------------------------------------------------------------------------------
+# --- decoder_scatter --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -241,7 +241,7 @@ def test_route_roundtrip(backend):
     torch.testing.assert_close(dec, torch.where(vis, full, torch.zeros_like(full)), rtol=1e-5, atol=1e-5)
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 def test_clone_gather_bad_input():
@@ -326,7 +326,7 @@ def test_auto_on_cpu_is_reference(monkeypatch):
     assert _backend.resolve("decoder_scatter", "auto", "cpu") == "reference"
 
 
-# --- custom-op plumbing ------------------------------------------------------------------------------------------------
+# --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
@@ -439,7 +439,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert res.stdout.count("_kernel") == 4, res.stdout
 
 
-# --- CUDA, at SSLAM's shapes -------------------------------------------------------------------------------------------
+# --- CUDA, at SSLAM's shapes ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

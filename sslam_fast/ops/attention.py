@@ -32,7 +32,7 @@ __all__ = ["attention"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# --- backends ----------------------------------------------------------------------------------------------------------
+# --- backends ---------------------------------------------------------------------------------------------------------
 
 
 # Looked up once at import (``find_spec`` does not import the package, nor touch CUDA). Recent flash-attn releases
@@ -75,7 +75,7 @@ _backend.register_op(
 )
 
 
-# --- custom ops (triton backend) ---------------------------------------------------------------------------------------
+# --- custom ops (triton backend) --------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("sslam_fast::flash_attention", mutates_args=())
@@ -129,7 +129,7 @@ def _backward(ctx, grad_out, grad_lse):
 _flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- public function ---------------------------------------------------------------------------------------------------
+# --- public function --------------------------------------------------------------------------------------------------
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

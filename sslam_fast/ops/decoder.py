@@ -58,7 +58,7 @@ _backend.register_op(
 )
 
 
-# --- custom ops --------------------------------------------------------------------------------------------------------
+# --- custom ops -------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("sslam_fast::ln_gelu_residual", mutates_args=())
@@ -97,7 +97,7 @@ def _backward(ctx, grad_out):
 _ln_gelu_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- public functions --------------------------------------------------------------------------------------------------
+# --- public functions -------------------------------------------------------------------------------------------------
 
 
 def ln_gelu_residual(y: torch.Tensor, z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

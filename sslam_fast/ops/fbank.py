@@ -76,7 +76,7 @@ def _run(backend, waveforms, lengths, offsets, sample_rate, num_mel_bins, num_fr
     return fn(waveforms.contiguous(), lengths, offsets, window, banks, p, num_frames, out_frames, shift, scale, dtype)
 
 
-# --- custom ops --------------------------------------------------------------------------------------------------------
+# --- custom ops -------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("sslam_fast::kaldi_fbank", mutates_args=())
@@ -121,7 +121,7 @@ def _(waveforms, lengths, target_length, norm_mean, norm_std, dtype, backend):
     return waveforms.new_empty((waveforms.shape[0], 1, target_length, 128), dtype=dtype)
 
 
-# --- public functions --------------------------------------------------------------------------------------------------
+# --- public functions -------------------------------------------------------------------------------------------------
 
 
 def _validate_waveforms(waveforms, lengths, sample_rate):

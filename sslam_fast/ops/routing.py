@@ -26,7 +26,7 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_HIGH = 2**62  # Philox takes a 64-bit key; any value below this is a valid seed
 
 
-# --- backends ----------------------------------------------------------------------------------------------------------
+# --- backends ---------------------------------------------------------------------------------------------------------
 
 
 def _clone_gather_triton(*args):
@@ -72,7 +72,7 @@ _CLONE_GATHER_BWD = {"reference": ref.clone_gather_backward, "triton": _clone_ga
 _DECODER_SCATTER_BWD = {"reference": ref.decoder_scatter_backward, "triton": _decoder_scatter_bwd_triton}
 
 
-# --- custom ops --------------------------------------------------------------------------------------------------------
+# --- custom ops -------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("sslam_fast::clone_gather", mutates_args=())
@@ -172,7 +172,7 @@ def _decoder_scatter_backward(ctx, grad):
 _decoder_scatter_op.register_autograd(_decoder_scatter_backward, setup_context=_decoder_scatter_setup)
 
 
-# --- validation --------------------------------------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------------------------------------
 
 
 def _check_param(name: str, t, x: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> None:
@@ -222,7 +222,7 @@ def _real(name: str, value, *, positive: bool) -> float:
     return value
 
 
-# --- public functions --------------------------------------------------------------------------------------------------
+# --- public functions -------------------------------------------------------------------------------------------------
 
 
 def clone_gather(

@@ -1,4 +1,4 @@
-"""Plain-PyTorch Kaldi filterbank and EAT input transform: the spec (SPEC §1) in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch Kaldi filterbank and EAT input transform: SPEC §1 in code, the CPU fallback, the test oracle.
 
 Mirrors ``torchaudio.compliance.kaldi.fbank`` (``_get_window``, ``get_mel_banks``) with the arguments EAT/SSLAM use
 (``[E] data/raw_audio_dataset.py : RawAudioDataset.postprocess``, ``feature_extract/feature_extract.py``):
@@ -32,7 +32,7 @@ class FrameParams:
     n_fft: int
 
     @staticmethod
-    def at(sample_rate: int) -> "FrameParams":
+    def at(sample_rate: int) -> FrameParams:
         length = int(sample_rate * FRAME_LENGTH_MS * 0.001)
         shift = int(sample_rate * FRAME_SHIFT_MS * 0.001)
         return FrameParams(length, shift, 1 << (length - 1).bit_length())
@@ -70,7 +70,7 @@ def _mel_banks_cpu(num_bins: int, n_fft: int, sample_rate: int) -> torch.Tensor:
 
 
 def mel_banks(num_bins: int = 128, n_fft: int = 512, sample_rate: int = EAT_SAMPLE_RATE, device=None) -> torch.Tensor:
-    """(num_bins, n_fft // 2 + 1) float32 triangular mel filters, Kaldi style, equal to torchaudio's ``get_mel_banks``."""
+    """(num_bins, n_fft // 2 + 1) float32 Kaldi triangular mel filters, equal to torchaudio's ``get_mel_banks``."""
     banks = _mel_banks_cpu(num_bins, n_fft, sample_rate)
     return banks if device is None else banks.to(device)
 

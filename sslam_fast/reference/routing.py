@@ -1,6 +1,7 @@
 """Plain-PyTorch multi-clone routing: the spec (SPEC §2.1, §3) in code, the CPU fallback, the test oracle.
 
-``clone_gather`` mirrors the student's input path in ``[E] models/base.py : ModalitySpecificEncoder.contextualized_features``
+``clone_gather`` mirrors the student's input path in
+``[E] models/base.py : ModalitySpecificEncoder.contextualized_features``
 (+ ``make_maskinfo``, ``BlockEncoder`` with ``prenet_depth=0``): ``x_pos`` (patches + positions) is
 ``repeat_interleave(clone_batch)``-ed, the kept tokens of each row are gathered with ``ids_keep``, the CLS token
 (``extra_tokens``) is prepended and the input LayerNorm (eps 1e-6, affine) is applied. Row ``r = b * K + c`` is clone

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 NORM_EPS = 1e-5  # F.instance_norm / F.layer_norm defaults, used upstream by make_targets and the decoder LayerNorm
 
 
-# --- EMA ---------------------------------------------------------------------------------------------------------------
+# --- EMA --------------------------------------------------------------------------------------------------------------
 
 
 def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end_step: int = 100000) -> float:
@@ -57,7 +57,7 @@ def ema_update_(teacher_params, student_params, decay: float, frozen=None) -> No
             t.add_(s.data.to(dtype=t.dtype), alpha=lr)
 
 
-# --- teacher targets ---------------------------------------------------------------------------------------------------
+# --- teacher targets --------------------------------------------------------------------------------------------------
 
 
 def _instance_norm_tokens(y: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ def layer_targets(layers: torch.Tensor, token_index: torch.Tensor | None = None)
     return F.layer_norm(y, (D,), eps=NORM_EPS)
 
 
-# --- CNN decoder block -------------------------------------------------------------------------------------------------
+# --- CNN decoder block ------------------------------------------------------------------------------------------------
 
 
 def ln_gelu_residual(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def decoder_block(z: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.T
     return F.gelu(x) + z
 
 
-# --- patch loss --------------------------------------------------------------------------------------------------------
+# --- patch loss -------------------------------------------------------------------------------------------------------
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, clones: int = 1) -> torch.Tensor:
