@@ -1,0 +1,174 @@
+"""The EAT / SSLAM pre-training model: student encoder, CNN decoder, EMA teacher and the objectives (SPEC §2-§5).
+
+``PretrainingModel(cfg).losses(source, masks, mix_windows=None)`` returns the loss terms of one step; ``ema_step(n)``
+is fairseq's ``set_num_updates`` (resume guard + decay schedule + EMA update of the teacher). Submodule names follow the
+naming contract: ``student`` (EATEncoder), ``decoder`` (CNNDecoder), ``teacher`` (EATEncoder, frozen, eval),
+``num_updates`` (int), ``cfg``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn as nn
+
+from sslam_fast._checks import check_tensor
+from sslam_fast.models import objectives
+from sslam_fast.models.config import ModelConfig
+from sslam_fast.models.decoder import CNNDecoder
+from sslam_fast.models.encoder import EATEncoder
+
+__all__ = ["PretrainingModel"]
+
+
+class PretrainingModel(nn.Module):
+    """Student + decoder + EMA teacher. ``fast`` is the default for ``losses`` / ``ema_step`` (True: sslam_fast.ops)."""
+
+    def __init__(self, cfg: ModelConfig | None = None, *, fast: bool = True) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else ModelConfig()
+        self.cfg = cfg
+        self.fast = bool(fast)
+        self.student = EATEncoder(cfg)
+        self.decoder = CNNDecoder(cfg)
+        # make_target_model: the teacher starts as a copy of the student (without the decoder)
+        self.teacher = EATEncoder(cfg)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.num_updates = 0
+
+    def train(self, mode: bool = True) -> PretrainingModel:
+        super().train(mode)
+        self.teacher.eval()  # the EMA teacher always runs in eval mode
+        return self
+
+    # --- EMA teacher (SPEC §4) --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ema_step(self, num_updates: int, *, fast: bool | None = None) -> bool:
+        """``set_num_updates(num_updates)``, called at the start of every train step with the optimizer steps done.
+
+        Skips the update when ``(self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates``
+        (the resume guard: after loading a checkpoint at n > 0 the first call does nothing, SPEC §11.9), and in eval
+        mode; otherwise ``teacher <- d * teacher + (1 - d) * student`` with ``d = ema_decay(num_updates)`` for trained
+        parameters and a copy for frozen ones (the positional table). Always sets ``self.num_updates``.
+        Returns whether the teacher was updated.
+        """
+        if isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral) or num_updates < 0:
+            raise ValueError(f"num_updates must be an int >= 0, got {num_updates!r}")
+        n = int(num_updates)
+        fast = self.fast if fast is None else bool(fast)
+        updated = False
+        if (self.num_updates == 0 and n > 1) or self.num_updates >= n:
+            pass
+        elif self.training:
+            from sslam_fast.ops.ema import ema_decay
+
+            decay = ema_decay(n)
+            teacher = list(self.teacher.parameters())
+            student = list(self.student.parameters())
+            if decay < 1:
+                if fast:
+                    from sslam_fast.ops.ema import ema_update_
+
+                    ema_update_(teacher, student, decay)
+                else:  # EMAModule._step_internal, parameter by parameter (lr = 1 - decay)
+                    lr = 1 - decay
+                    for t, s in zip(teacher, student):
+                        if not s.requires_grad:
+                            t.copy_(s.to(dtype=t.dtype).data)
+                        else:
+                            t.mul_(1 - lr)
+                            t.add_(s.data.to(dtype=t.dtype), alpha=lr)
+                updated = True
+        self.num_updates = n
+        return updated
+
+    # --- objectives (SPEC §4, §5) -----------------------------------------------------------------------------------
+
+    def _check_inputs(self, source, masks, mix_windows, mask_noise_std):
+        cfg = self.cfg
+        check_tensor("source", source, ndim=4, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+        B, C, T, Fb = source.shape
+        p = cfg.patch_size
+        if B < 1 or C != cfg.in_chans or Fb != cfg.grid[1] * p or T % p or T == 0 or T // p > cfg.max_time_patches:
+            raise ValueError(
+                f"source must have shape (B, {cfg.in_chans}, T, {cfg.grid[1] * p}) with B >= 1 and T a positive "
+                f"multiple of {p} (at most {cfg.max_time_patches * p}), got {tuple(source.shape)}"
+            )
+        N = (T // p) * cfg.grid[1]
+        check_tensor("masks", masks, ndim=2, dtypes=(torch.bool,), device=source.device)
+        if tuple(masks.shape) != (B * cfg.clones, N):
+            raise ValueError(
+                f"masks must have shape (B * clones, N) = ({B * cfg.clones}, {N}), got {tuple(masks.shape)}"
+            )
+        masked = masks.sum(1)
+        if not bool((masked == masked[0]).all()):
+            raise ValueError("masks must mask the same number of tokens in every row (equal kept counts)")
+        if int(masked[0]) in (0, N):
+            raise ValueError(f"masks must mask at least one and keep at least one token per row, got {int(masked[0])}")
+        windows = None
+        if mix_windows is not None:
+            if cfg.stage != "sslam":
+                raise ValueError("mix_windows must be None for stage 'eat' (set ModelConfig.stage='sslam' for SSLAM)")
+            windows = self._check_windows(mix_windows, T)
+        elif cfg.stage == "sslam":
+            raise ValueError("mix_windows must be given (s1, s2) for stage 'sslam'")
+        std = cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
+        if isinstance(std, bool) or not isinstance(std, numbers.Real) or not std >= 0 or std == float("inf"):
+            raise ValueError(f"mask_noise_std must be a finite float >= 0, got {mask_noise_std!r}")
+        return windows, float(std)
+
+    def _check_windows(self, mix_windows, T: int) -> tuple[int, int]:
+        cfg = self.cfg
+        if isinstance(mix_windows, torch.Tensor):
+            mix_windows = mix_windows.tolist()
+        if not isinstance(mix_windows, (tuple, list)) or len(mix_windows) != 2:
+            raise ValueError(f"mix_windows must be a pair (s1, s2) of frame offsets, got {mix_windows!r}")
+        s1, s2 = mix_windows
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in (s1, s2)):
+            raise ValueError(f"mix_windows must hold ints, got {mix_windows!r}")
+        s1, s2 = int(s1), int(s2)
+        w, p = cfg.mix_window_frames, cfg.patch_size
+        if s1 % p or s2 % p or not (0 <= s1 and s1 + w <= s2 and s2 + w <= T):
+            raise ValueError(
+                f"mix_windows must satisfy 0 <= s1, s1 + {w} <= s2, s2 + {w} <= T = {T}, both multiples of {p}, "
+                f"got ({s1}, {s2})"
+            )
+        return s1, s2
+
+    def losses(
+        self,
+        source: torch.Tensor,
+        masks: torch.Tensor,
+        mix_windows=None,
+        mask_noise_std: float | None = None,
+        fast: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss terms of one pre-training step (SPEC §4 stage 1, §5 stage 2).
+
+        Args:
+            source: (B, 1, T, 128) normalised log-mels, T a multiple of 16 (1024 upstream).
+            masks: (B * clones, N) bool, True = masked (predicted), clip-major rows ``b * clones + k``; every row
+                masks the same number of tokens.
+            mix_windows: None (stage 1, EAT) or (s1, s2) frame offsets of the two unmixed windows (stage 2, SSLAM;
+                ``sslam_fast.ops.sample_mix_windows``). The mixed half reuses ``masks``.
+            mask_noise_std: std of the decoder's mask tokens; None uses ``cfg.mask_noise_std``; 0 is deterministic.
+            fast: True runs on sslam_fast.ops, False the plain upstream-structured path; None uses ``self.fast``.
+
+        Returns:
+            dict of fp32 0-dim tensors: ``patch`` (sum over rows, masked tokens and channels of squared error /
+            sqrt(D)), ``mix_patch`` (SSLAM's source-retention term, x2; 0 in stage 1), ``cls`` (per-row CLS sum
+            times S), ``sample_size`` (S, the masked-token count of the student rows) and
+            ``loss = (patch + mix_patch + cls) / S``.
+        """
+        windows, std = self._check_inputs(source, masks, mix_windows, mask_noise_std)
+        fast = self.fast if fast is None else bool(fast)
+        fn = objectives.losses_fast if fast else objectives.losses_plain
+        return fn(self, source, masks, windows, std)
+
+    def forward(self, source: torch.Tensor, masks: torch.Tensor, mix_windows=None) -> dict[str, torch.Tensor]:
+        """Training forward: ``losses(source, masks, mix_windows)``."""
+        return self.losses(source, masks, mix_windows)
