@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +43,7 @@ def _extension():
 
 
 setup(
-    packages=["sslam_fast", "sslam_fast.ops", "sslam_fast.reference", "sslam_fast.kernels"],
+    packages=find_packages(include=["sslam_fast", "sslam_fast.*"]) + ["sslam_fast.kernels"],
     package_dir={"sslam_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
