@@ -1,0 +1,36 @@
+"""Upstream checkpoint formats (SPEC §8): read fairseq EAT / SSLAM pre-training and fine-tuned files and HF safetensors
+ports without fairseq and without unrestricted unpickling; write fairseq-layout files atomically.
+
+``load_pretrained(path)`` -> ``EATEncoder`` or ``AudioClassifier``; ``load_pretraining(path, stage, clones)`` ->
+``PretrainingModel``; ``detect_format`` / ``map_state_dict`` for the dict level.
+"""
+
+from sslam_fast.checkpoint._api import (
+    detect_format,
+    fairseq_pretrain_cfg,
+    infer_config,
+    load_checkpoint,
+    load_pretrained,
+    load_pretraining,
+    save_finetuned_checkpoint,
+    save_pretraining_checkpoint,
+)
+from sslam_fast.checkpoint._io import CheckpointError, atomic_torch_save, read_checkpoint_file, safe_globals
+from sslam_fast.checkpoint._keys import FORMATS, map_state_dict
+
+__all__ = [
+    "FORMATS",
+    "CheckpointError",
+    "atomic_torch_save",
+    "detect_format",
+    "fairseq_pretrain_cfg",
+    "infer_config",
+    "load_checkpoint",
+    "load_pretrained",
+    "load_pretraining",
+    "map_state_dict",
+    "read_checkpoint_file",
+    "safe_globals",
+    "save_finetuned_checkpoint",
+    "save_pretraining_checkpoint",
+]
