@@ -1,0 +1,190 @@
+"""mAP of a fine-tuned checkpoint over a labelled set (SPEC §8), the counterpart of
+``[S] SSLAM_Inference/evaluation/eval.py`` (mAP = mean over classes of ``sklearn.average_precision_score``).
+
+    python -m sslam_fast.evaluate --checkpoint FINETUNED --manifest TSV --labels CSV [--targets CSV]
+        [--batch-size 32] [--device cpu|cuda] [--target-length 1024|auto]
+
+Accepted formats:
+
+* ``--manifest``: fairseq-style ``.tsv``. Line 1 is the root folder; every further non-empty line is
+  ``relative_path[<TAB>size[<TAB>mids]]``. ``size`` is ignored (no ``min_sample_size`` filter at evaluation).
+* ``--labels``: AudioSet ``class_labels_indices.csv`` with header ``index,mid,display_name``; class ``index`` is the
+  model output column, ``mid`` is what the targets name.
+* the targets of a clip: with ``--targets CSV``, a CSV whose rows are ``relative_path,mids`` (no header; a first row
+  whose path is ``relative_path``/``path``/``file`` is taken as a header and skipped); ``mids`` are separated by ``;``,
+  and a quoted field with commas or extra columns (``a.wav,/m/x,/m/y``) also work. Without ``--targets``, the third
+  manifest column holds the mids, separated by ``,`` or ``;``. A clip with no targets entry is reported and skipped; a
+  clip with an empty mid list counts as all-negative; an unknown mid is reported once and ignored.
+
+mAP = mean of the per-class average precision over the classes with at least one positive (classes without positives
+are undefined in sklearn and left out). AP is sklearn's step-wise definition: sum over the distinct score thresholds,
+in decreasing order, of (R_n - R_{n-1}) * P_n, tied scores forming one threshold. Files that cannot be read are
+reported on stderr and skipped; the exit code is 0 when at least one clip was scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sslam_fast.extract import MAX_TARGET_LENGTH, Reporter, load_model, model_max_frames, resolve_device
+from sslam_fast.predict import _target_length, predict, read_class_labels
+
+__all__ = ["average_precision", "main", "mean_average_precision", "read_manifest", "read_targets"]
+
+_SPLIT = re.compile(r"[;,]")
+
+
+def average_precision(scores, targets) -> float:
+    """AP of one class (``sklearn.metrics.average_precision_score`` semantics); NaN when there is no positive."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(targets).reshape(-1).astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and targets must have the same length, got {s.shape} and {y.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    npos = int(y.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last].astype(np.float64)
+    precision = tps / (last + 1)
+    recall = tps / npos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, targets) -> tuple[float, np.ndarray]:
+    """``(mAP, per-class AP)`` of (N, C) scores and {0, 1} targets; classes without a positive get NaN and are left
+    out of the mean (NaN mAP if no class has a positive)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(targets)
+    if s.ndim != 2 or s.shape != y.shape:
+        raise ValueError(f"scores and targets must both be (N, C), got {s.shape} and {y.shape}")
+    ap = np.array([average_precision(s[:, c], y[:, c]) for c in range(s.shape[1])], dtype=np.float64)
+    valid = ~np.isnan(ap)
+    return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[Path, list[tuple[str, list[str] | None]]]:
+    """``(root, [(relative_path, mids from column 3 or None), ...])`` of a fairseq ``.tsv`` manifest."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path}: the first line of a manifest must be the root folder")
+    root = Path(lines[0].strip())
+    if not root.is_absolute():
+        root = (path.parent / root) if not root.exists() else root
+    rows = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        mids = [m.strip() for m in _SPLIT.split(cols[2]) if m.strip()] if len(cols) > 2 else None
+        rows.append((cols[0].strip(), mids))
+    return root, rows
+
+
+def read_targets(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``{relative_path: [mid, ...]}`` from a ``relative_path,mids`` CSV (see the module docstring)."""
+    out: dict[str, list[str]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                continue
+            if i == 0 and row[0].strip().lower() in ("relative_path", "path", "file", "filename"):
+                continue
+            out[row[0].strip()] = [m.strip() for f in row[1:] for m in _SPLIT.split(f) if m.strip()]
+    return out
+
+
+def evaluate(model, root: Path, rows, targets: dict[str, list[str]] | None, mids: list[str], *, batch_size=32,
+             device=None, target_length=MAX_TARGET_LENGTH, report=None) -> dict:
+    """Score every manifest clip; returns ``{"mAP", "ap" (C,), "scores" (N, C), "targets" (N, C), "files"}``."""
+    report = report or Reporter()
+    col = {m: i for i, m in enumerate(mids) if m}
+    labels: dict[Path, np.ndarray] = {}
+    unknown: set[str] = set()
+    files = []
+    for rel, own in rows:
+        clip_mids = targets.get(rel) if targets is not None else own
+        f = root / rel
+        if clip_mids is None:
+            report(f, "no targets for this clip")
+            continue
+        y = np.zeros(len(mids), dtype=np.int8)
+        for m in clip_mids:
+            if m in col:
+                y[col[m]] = 1
+            elif m not in unknown:
+                unknown.add(m)
+                print(f"warning: unknown label mid {m!r} ignored", file=sys.stderr)
+        labels[f] = y
+        files.append(f)
+    got_files, got_scores = [], []
+    for f, s in predict(model, files, batch_size=batch_size, device=device, target_length=target_length,
+                        on_error=report):
+        got_files.append(f)
+        got_scores.append(s.numpy())
+    if not got_files:
+        return {"mAP": float("nan"), "ap": None, "scores": None, "targets": None, "files": []}
+    scores = np.stack(got_scores)[:, : len(mids)]
+    y = np.stack([labels[f] for f in got_files])
+    m, ap = mean_average_precision(scores, y)
+    return {"mAP": m, "ap": ap, "scores": scores, "targets": y, "files": got_files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sslam_fast.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--manifest", required=True, help=".tsv: root folder, then relative_path<TAB>size[<TAB>mids]")
+    p.add_argument("--labels", required=True, help="class_labels_indices.csv (index,mid,display_name)")
+    p.add_argument("--targets", default=None, help="CSV relative_path,mid1;mid2 (else manifest column 3)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--target-length", type=_target_length, default=MAX_TARGET_LENGTH)
+    p.add_argument("--trust-checkpoint", action="store_true")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        p.error(f"--batch-size must be positive, got {args.batch_size}")
+    device = resolve_device(p, args.device)
+    try:
+        classes = read_class_labels(args.labels)
+        root, rows = read_manifest(args.manifest)
+        targets = read_targets(args.targets) if args.targets else None
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    if targets is None and any(own is None for _, own in rows):
+        p.error("--manifest has lines without a third (mids) column; pass --targets CSV")
+    model = load_model(args.checkpoint, device, args.trust_checkpoint)
+    if not hasattr(model, "head"):
+        p.error(f"--checkpoint: {args.checkpoint} is a pre-trained encoder; evaluate needs a fine-tuned classifier")
+    if args.target_length is not None and args.target_length > model_max_frames(model):
+        p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
+    C = model.head.out_features
+    mids = [""] * C
+    for i, mid, _ in classes:
+        if 0 <= i < C:
+            mids[i] = mid
+    report = Reporter()
+    res = evaluate(model, root, rows, targets, mids, batch_size=args.batch_size, device=device,
+                   target_length=args.target_length, report=report)
+    report.summary(len(res["files"]), "clip")
+    if not res["files"]:
+        print(f"error: no clip of {args.manifest} could be scored", file=sys.stderr)
+        return 1
+    n_cls = int(np.sum(~np.isnan(res["ap"])))
+    print(f"mAP {res['mAP']:.6f} over {n_cls} classes with positives, {len(res['files'])} clips")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Feature extraction CLI (SPEC §1, §8), the counterpart of ``[S] SSLAM_Inference/feature_extract/feature_extract.py``.
+
+    python -m sslam_fast.extract --checkpoint CKPT --audio PATH --out OUT
+        [--granularity frame|utterance|all] [--batch-size 8] [--device cpu|cuda] [--target-length N]
+
+``PATH`` is one audio file or a directory (walked recursively for audio extensions, see ``sslam_fast.audio``). Each
+input file gives one float32 ``.npy``: ``OUT/<relative path with .npy suffix>`` for a directory (if two inputs would
+map to the same name, e.g. ``a.wav`` and ``a.flac``, those keep their extension: ``a.wav.npy``), ``OUT`` itself when
+the input is a single file and ``OUT`` ends in ``.npy``, else ``OUT/<stem>.npy``.
+
+Per clip: mono = channel average (before resampling, SPEC §11.8); ``eat_features(wave, sample_rate=sr,
+target_length=T)`` (resample to 16 kHz, mean removal, Kaldi fbank, pad/crop, AudioSet normalisation); the model's
+``extract_features`` = block-12 output of the student (SPEC §8). ``frame`` = (N, D) patch tokens, token n = 8 t + f;
+``utterance`` = (D,) CLS; ``all`` = (1 + N, D), CLS first.
+
+Target length: ``--target-length`` for every clip, or by default each clip's own frame count rounded UP to a multiple
+of 16 and capped at 1024 (and at the model's positional table). Batching never changes a clip's result: only clips
+with the same sample rate and the same T share a batch (no cross-clip padding), each row is resampled and
+mean-normalised over its own samples, and rows do not interact in the model, so a directory run equals running each
+file alone. Unreadable, empty, too-short (< one 25 ms frame) and non-audio files are reported on stderr, one line
+each, plus a count at the end, and skipped; the exit code is 0 when at least one file worked, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslam_fast.audio import AudioError, clip_frames, default_target_length, list_audio, load_audio
+
+__all__ = ["Reporter", "extract_features", "iter_batches", "load_model", "main", "output_paths"]
+
+GRANULARITIES = ("frame", "utterance", "all")
+MAX_TARGET_LENGTH = 1024
+
+
+class Reporter:
+    """Collects skipped files: one stderr line each, then a count (``summary``)."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream
+        self.skipped: list[tuple[Path, str]] = []
+
+    def __call__(self, path, reason: str) -> None:
+        self.skipped.append((Path(path), reason))
+        print(f"skipped {path}: {reason}", file=self.stream or sys.stderr)
+
+    def summary(self, done: int, what: str = "file") -> None:
+        if self.skipped:
+            print(f"{len(self.skipped)} {what}(s) skipped, {done} processed", file=self.stream or sys.stderr)
+
+
+def load_model(checkpoint: str | os.PathLike, device: torch.device, trust_checkpoint: bool = False):
+    """``sslam_fast.load_pretrained`` in eval mode on ``device``."""
+    from sslam_fast import load_pretrained
+
+    return load_pretrained(checkpoint, trust_checkpoint=trust_checkpoint).to(device).eval()
+
+
+def model_max_frames(model) -> int:
+    cfg = model.cfg
+    return cfg.max_time_patches * cfg.patch_size
+
+
+def iter_batches(
+    files: Iterable[Path],
+    *,
+    batch_size: int,
+    device: torch.device,
+    target_length: int | None,
+    max_length: int = MAX_TARGET_LENGTH,
+    on_error: Callable[[Path, str], None],
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """Read ``files`` and yield ``(paths, x)`` with ``x`` = ``eat_features`` (B, 1, T, 128) float32 on ``device``.
+
+    Clips are grouped by (sample rate, T); a group is emitted when it holds ``batch_size`` clips, the rest at the end
+    (so at most one partial batch per group is held in memory). Failing files go to ``on_error(path, reason)``.
+    """
+    from sslam_fast.ops import eat_features
+
+    groups: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+
+    def flush(key):
+        sr, T = key
+        items = groups.pop(key)
+        lengths = torch.tensor([w.numel() for _, w in items], dtype=torch.int64)
+        waves = torch.zeros((len(items), int(lengths.max())), dtype=torch.float32)
+        for i, (_, w) in enumerate(items):
+            waves[i, : w.numel()] = w
+        x = eat_features(waves.to(device), lengths.to(device), sample_rate=sr, target_length=T)
+        return [p for p, _ in items], x
+
+    for f in files:
+        try:
+            wave, sr = load_audio(f)
+        except AudioError as e:
+            on_error(f, str(e).removeprefix(f"{f}: "))
+            continue
+        if clip_frames(wave.numel(), sr) == 0:
+            on_error(f, f"too short: {wave.numel()} samples at {sr} Hz is less than one 25 ms frame")
+            continue
+        T = target_length or default_target_length(wave.numel(), sr, cap=max_length)
+        key = (sr, T)
+        groups.setdefault(key, []).append((f, wave))
+        if len(groups[key]) >= batch_size:
+            yield flush(key)
+    for key in list(groups):
+        yield flush(key)
+
+
+def select(feats: torch.Tensor, granularity: str) -> torch.Tensor:
+    """(B, 1 + N, D) -> frame (B, N, D) | utterance (B, D) | all (B, 1 + N, D)."""
+    if granularity == "frame":
+        return feats[:, 1:]
+    if granularity == "utterance":
+        return feats[:, 0]
+    if granularity == "all":
+        return feats
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def output_paths(audio: Path, files: list[Path], out: Path) -> dict[Path, Path]:
+    """Where each input's ``.npy`` goes (see the module docstring)."""
+    if audio.is_file():
+        return {files[0]: out if out.suffix == ".npy" else out / (files[0].stem + ".npy")}
+    rel = {f: f.relative_to(audio) for f in files}
+    plain = {f: r.with_suffix(".npy") for f, r in rel.items()}
+    counts: dict[Path, int] = {}
+    for p in plain.values():
+        counts[p] = counts.get(p, 0) + 1
+    return {f: out / (plain[f] if counts[plain[f]] == 1 else r.with_name(r.name + ".npy")) for f, r in rel.items()}
+
+
+@torch.inference_mode()
+def extract_features(model, files, *, granularity="frame", batch_size=8, device=None, target_length=None,
+                     on_error=None) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield ``(path, features)`` (float32 numpy, see ``select``) for each readable file, in batches."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cap = min(MAX_TARGET_LENGTH, model_max_frames(model))
+    on_error = on_error or Reporter()
+    for paths, x in iter_batches(files, batch_size=batch_size, device=device, target_length=target_length,
+                                 max_length=cap, on_error=on_error):
+        feats = select(model.extract_features(x), granularity).float().cpu().numpy()
+        yield from zip(paths, feats)
+
+
+def _positive(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="fairseq / HF checkpoint (see sslam_fast.load_pretrained)")
+    p.add_argument("--audio", required=True, help="an audio file or a directory (walked recursively)")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
+
+
+def resolve_device(p: argparse.ArgumentParser, name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {name}")
+    return device
+
+
+def collect_files(p: argparse.ArgumentParser, audio: str, report: Reporter) -> tuple[Path, list[Path]]:
+    root = Path(audio)
+    try:
+        files, others = list_audio(root, return_skipped=True)
+    except FileNotFoundError as e:
+        p.error(f"--audio: {e}")
+    for f in others:
+        report(f, "not an audio file (extension)")
+    return root, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sslam_fast.extract", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--out", required=True, help="output folder (or a .npy path for a single input file)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="frame")
+    p.add_argument("--target-length", type=_positive, default=None,
+                   help="frames (multiple of 16) for every clip; default: each clip's own, rounded up, <= 1024")
+    args = p.parse_args(argv)
+    if args.target_length is not None and args.target_length % 16:
+        p.error(f"--target-length must be a multiple of 16, got {args.target_length}")
+    device = resolve_device(p, args.device)
+    report = Reporter()
+    root, files = collect_files(p, args.audio, report)
+    model = load_model(args.checkpoint, device, args.trust_checkpoint)
+    if args.target_length is not None and args.target_length > model_max_frames(model):
+        p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
+    dest = output_paths(root, files, Path(args.out))
+    done = 0
+    for path, feat in extract_features(model, files, granularity=args.granularity, batch_size=args.batch_size,
+                                       device=device, target_length=args.target_length, on_error=report):
+        out = dest[path]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, np.ascontiguousarray(feat, dtype=np.float32))
+        done += 1
+    report.summary(done)
+    if done == 0:
+        print(f"error: no audio file could be processed under {args.audio}", file=sys.stderr)
+        return 1
+    print(f"wrote {done} feature file(s) ({args.granularity}) under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

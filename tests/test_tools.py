@@ -1,0 +1,343 @@
+"""Inference tools (SPEC §1, §8): audio decoding, ``python -m sslam_fast.extract / predict / evaluate`` run in-process
+on generated wav / flac files with a tiny model saved through the checkpoint writers, and AP / mAP."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from sslam_fast import evaluate as ev
+from sslam_fast import extract, predict
+from sslam_fast.audio import AudioError, clip_frames, default_target_length, list_audio, load_audio
+from sslam_fast.checkpoint import save_finetuned_checkpoint, save_pretraining_checkpoint
+from sslam_fast.models import AudioClassifier, ModelConfig, PretrainingModel
+from sslam_fast.ops import eat_features
+
+NUM_CLASSES = 6
+MIDS = [f"/m/c{i}" for i in range(NUM_CLASSES)]
+
+
+def _tone(n, sr, freq, channels, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float64) / sr
+    cols = [0.3 * torch.sin(2 * math.pi * freq * (c + 1) * t) + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+            for c in range(channels)]
+    return torch.stack(cols, 1).numpy().astype(np.float32)
+
+
+# name: (sample rate, seconds, channels)
+CLIPS = {
+    "a.wav": (16000, 1, 1),
+    "sub/b.wav": (16000, 1, 2),
+    "c.flac": (32000, 3, 2),
+    "sub/deep/d.wav": (32000, 3, 1),
+}
+BAD = ("corrupt.wav", "empty.wav", "sub/notes.txt")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    for i, (name, (sr, sec, ch)) in enumerate(CLIPS.items()):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / name, _tone(sr * sec, sr, 220.0 * (i + 1), ch, i), sr,
+                 subtype="PCM_16" if name.endswith(".flac") else "FLOAT")
+    (root / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "empty.wav").write_bytes(b"")
+    (root / "sub/notes.txt").write_text("not audio\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt")
+    pre = PretrainingModel(ModelConfig.tiny())
+    save_pretraining_checkpoint(d / "pre.pt", pre)
+    clf = AudioClassifier(ModelConfig.tiny(), num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        clf.head.bias.copy_(torch.linspace(-1, 1, NUM_CLASSES))
+        clf.head.weight.mul_(20)  # spread the scores so that the ranking is data dependent
+    save_finetuned_checkpoint(d / "ft.pt", clf)
+    labels = d / "labels.csv"
+    labels.write_text("index,mid,display_name\n" + "".join(f'{i},{m},"Class {i}, x"\n' for i, m in enumerate(MIDS)))
+    return {"pre": d / "pre.pt", "ft": d / "ft.pt", "encoder": pre.student.eval(), "clf": clf.eval(),
+            "labels": labels}
+
+
+def _direct(model, path, T, cls_only=False):
+    wave, sr = load_audio(path)
+    with torch.no_grad():
+        x = eat_features(wave[None], sample_rate=sr, target_length=T)
+        return model(x) if cls_only else model.extract_features(x)[0]
+
+
+# --- audio helpers ----------------------------------------------------------------------------------------------------
+
+
+def test_load_audio_mono_and_stereo(data):
+    w, sr = load_audio(data / "a.wav")
+    assert sr == 16000 and w.dtype == torch.float32 and w.shape == (16000,)
+    np.testing.assert_array_equal(w.numpy(), sf.read(data / "a.wav", dtype="float32")[0])
+    w, sr = load_audio(data / "c.flac")
+    raw, _ = sf.read(data / "c.flac", dtype="float32", always_2d=True)
+    assert sr == 32000 and w.shape == (96000,) and raw.shape == (96000, 2)
+    np.testing.assert_allclose(w.numpy(), raw.mean(1), rtol=0, atol=1e-7)
+    assert not np.allclose(raw[:, 0], raw[:, 1])  # a real stereo file
+
+
+@pytest.mark.parametrize("name", ["corrupt.wav", "empty.wav", "missing.wav"])
+def test_load_audio_bad_file_raises_naming_it(data, name):
+    with pytest.raises(AudioError, match=re.escape(name)) as e:
+        load_audio(data / name)
+    assert isinstance(e.value, ValueError)
+
+
+def test_load_audio_header_only_wav(tmp_path):
+    p = tmp_path / "zero.wav"
+    sf.write(p, np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(AudioError, match="zero.wav.*no audio samples"):
+        load_audio(p)
+
+
+def test_list_audio(data):
+    files, others = list_audio(data, return_skipped=True)
+    rel = [f.relative_to(data).as_posix() for f in files]
+    assert rel == sorted(list(CLIPS) + ["corrupt.wav", "empty.wav"])
+    assert [f.relative_to(data).as_posix() for f in others] == ["sub/notes.txt"]
+    assert list_audio(data / "sub/notes.txt") == [data / "sub/notes.txt"]  # an explicit file is always tried
+    with pytest.raises(FileNotFoundError):
+        list_audio(data / "nope")
+
+
+def test_target_length_rule():
+    # 1 s @16k: 1 + (16000-400)//160 = 98 frames -> 112; 3 s @32k -> 48000 samples @16k -> 298 -> 304
+    assert clip_frames(16000, 16000) == 98 and default_target_length(16000, 16000) == 112
+    assert clip_frames(96000, 32000) == 298 and default_target_length(96000, 32000) == 304
+    assert default_target_length(160000, 16000) == 1008  # 10 s: 998 frames
+    assert default_target_length(16000 * 30, 16000) == 1024  # capped
+    assert clip_frames(399, 16000) == 0 and default_target_length(400, 16000) == 16
+    assert clip_frames(11025, 44100) == 1 + (4000 - 400) // 160  # 0.25 s resampled to 4000 samples
+
+
+# --- extract ----------------------------------------------------------------------------------------------------------
+
+
+def test_extract_single_file_utterance(data, ckpts, tmp_path):
+    out = tmp_path / "u.npy"
+    rc = extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data / "c.flac"), "--out", str(out),
+                       "--granularity", "utterance"])
+    assert rc == 0
+    got = np.load(out)
+    want = _direct(ckpts["encoder"], data / "c.flac", 304)[0]
+    assert got.shape == (64,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_directory_reports_bad_files(data, ckpts, tmp_path, capsys):
+    out = tmp_path / "feats"
+    rc = extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data), "--out", str(out),
+                       "--granularity", "all", "--batch-size", "2"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    for bad in BAD:
+        assert re.search(rf"^skipped .*{re.escape(bad)}: ", err, re.M), err
+    assert "3 file(s) skipped, 4 processed" in err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
+    assert written == sorted(n.rsplit(".", 1)[0] + ".npy" for n in CLIPS)
+    for name, (sr, sec, _) in CLIPS.items():
+        T = default_target_length(sr * sec, sr)
+        got = np.load(out / (name.rsplit(".", 1)[0] + ".npy"))
+        assert got.shape == (1 + T // 16 * 8, 64)
+        # batched with its equal-T neighbour == the file alone
+        np.testing.assert_allclose(got, _direct(ckpts["encoder"], data / name, T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_frame_fixed_length_and_classifier_checkpoint(data, ckpts, tmp_path):
+    out = tmp_path / "f"
+    rc = extract.main(["--checkpoint", str(ckpts["ft"]), "--audio", str(data / "sub"), "--out", str(out),
+                       "--target-length", "160"])
+    assert rc == 0
+    got = np.load(out / "deep/d.npy")
+    assert got.shape == (80, 64)  # 10 time patches x 8 freq patches, n = 8t + f, no CLS
+    want = _direct(ckpts["clf"], data / "sub/deep/d.wav", 160)[1:]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.load(out / "b.npy").shape == (80, 64)
+
+
+def test_extract_name_collisions(tmp_path, ckpts):
+    for ext in ("wav", "flac"):
+        sf.write(tmp_path / f"x.{ext}", _tone(8000, 16000, 300, 1, 3), 16000)
+    rc = extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(tmp_path), "--out", str(tmp_path / "o"),
+                       "--granularity", "utterance"])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.flac.npy", "x.wav.npy"]
+
+
+def test_extract_nothing_readable_fails(data, ckpts, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("corrupt.wav", "empty.wav"):
+        (bad / name).write_bytes((data / name).read_bytes())
+    sf.write(bad / "short.wav", np.zeros(300, np.float32), 16000)  # less than one 25 ms frame
+    rc = extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "error: no audio file could be processed" in err and "short.wav: too short" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--target-length", "100"], "multiple of 16"),
+    (["--granularity", "tokens"], "invalid choice"),
+    (["--batch-size", "0"], "positive"),
+])
+def test_extract_bad_arguments(data, ckpts, tmp_path, capsys, args, msg):
+    with pytest.raises(SystemExit) as e:
+        extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data / "a.wav"), "--out", str(tmp_path)] + args)
+    assert e.value.code != 0 and msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_extract_cuda_unavailable(data, ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data), "--out", str(tmp_path),
+                      "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+# --- predict ----------------------------------------------------------------------------------------------------------
+
+
+def _parse(lines):
+    return [(int(r), float(s), int(i), n) for r, s, i, n in (ln.split("\t") for ln in lines)]
+
+
+def test_predict_single_file_top_k_with_labels(data, ckpts, capsys):
+    rc = predict.main(["--checkpoint", str(ckpts["ft"]), "--audio", str(data / "c.flac"), "--labels",
+                       str(ckpts["labels"]), "--top-k", "4"])
+    assert rc == 0
+    rows = _parse(capsys.readouterr().out.strip().splitlines())
+    scores = torch.sigmoid(_direct(ckpts["clf"], data / "c.flac", 1024, cls_only=True))[0]
+    order = torch.argsort(scores, descending=True)[:4].tolist()
+    assert [r[0] for r in rows] == [1, 2, 3, 4]
+    assert [r[2] for r in rows] == order
+    assert [r[3] for r in rows] == [f"Class {i}, x" for i in order]
+    np.testing.assert_allclose([r[1] for r in rows], scores[order].numpy(), atol=2e-6)
+
+
+def test_predict_directory_without_labels(data, ckpts, capsys):
+    rc = predict.main(["--checkpoint", str(ckpts["ft"]), "--audio", str(data / "sub"), "--top-k", "100",
+                       "--target-length", "auto"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "skipped" in captured.err and "notes.txt" in captured.err
+    blocks = captured.out.strip().split("# ")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        head, *lines = block.strip().splitlines()
+        rows = _parse(lines)
+        assert len(rows) == NUM_CLASSES and all(r[3] == str(r[2]) for r in rows)
+        T = 112 if head.endswith("b.wav") else 304
+        scores = torch.sigmoid(_direct(ckpts["clf"], head, T, cls_only=True))[0]
+        np.testing.assert_allclose([r[1] for r in rows], scores[[r[2] for r in rows]].numpy(), atol=2e-6)
+
+
+def test_predict_needs_classifier(data, ckpts, capsys):
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data / "a.wav")])
+    assert "fine-tuned classifier" in capsys.readouterr().err
+
+
+def test_read_class_labels_rejects_bad_header(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("id,name\n0,x\n")
+    with pytest.raises(ValueError, match="l.csv.*index,mid,display_name"):
+        predict.read_class_labels(p)
+
+
+# --- AP / mAP / evaluate ----------------------------------------------------------------------------------------------
+
+
+def test_average_precision_hand_computed():
+    # ranks: + - + - : P@1 = 1, P@3 = 2/3; AP = 0.5 * 1 + 0.5 * 2/3
+    assert ev.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6, abs=1e-12)
+    # ties form one threshold: {0.5, 0.5} -> P = 1/2 at R = 1/2; then 0.2 -> P = 2/3 at R = 1. Ranking the tied
+    # positive first would give 1/2 + 1/3 = 5/6: the order inside a tie must not matter.
+    assert ev.average_precision([0.5, 0.5, 0.2], [1, 0, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3, abs=1e-12)
+    assert ev.average_precision([0.5, 0.5, 0.2], [0, 1, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3, abs=1e-12)
+    assert ev.average_precision([0.1, 0.9, 0.3], [0, 1, 0]) == 1.0
+    assert ev.average_precision([0.9, 0.1, 0.3], [0, 1, 0]) == pytest.approx(1 / 3, abs=1e-12)
+    assert math.isnan(ev.average_precision([0.2, 0.1], [0, 0]))
+
+
+def test_mean_average_precision_skips_classes_without_positives():
+    s = np.array([[0.9, 0.1, 0.5], [0.8, 0.2, 0.4], [0.7, 0.3, 0.3], [0.6, 0.4, 0.2]])
+    y = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1]])
+    m, ap = ev.mean_average_precision(s, y)
+    assert math.isnan(ap[1])
+    np.testing.assert_allclose(ap[[0, 2]], [5 / 6, 1 / 4])
+    assert m == pytest.approx((5 / 6 + 1 / 4) / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="same"):
+        ev.average_precision([1.0, 2.0], [1])
+
+
+def _clf_scores(ckpts, data, names):
+    return np.stack([torch.sigmoid(_direct(ckpts["clf"], data / n, 1024, cls_only=True))[0].numpy() for n in names])
+
+
+@pytest.mark.parametrize("style", ["column", "targets_csv"])
+def test_evaluate_main(data, ckpts, tmp_path, capsys, style):
+    names = list(CLIPS)
+    mids = {"a.wav": [MIDS[0], MIDS[2]], "sub/b.wav": [MIDS[2]], "c.flac": [MIDS[0], MIDS[5]],
+            "sub/deep/d.wav": [], "corrupt.wav": [MIDS[1]]}
+    man = tmp_path / "eval.tsv"
+    if style == "column":
+        man.write_text(f"{data}\n" + "".join(f"{n}\t32000\t{','.join(m)}\n" for n, m in mids.items()))
+        extra = []
+    else:
+        man.write_text(f"{data}\n" + "".join(f"{n}\t32000\n" for n in mids))
+        tgt = tmp_path / "targets.csv"
+        tgt.write_text("relative_path,mids\n" + "".join(f"{n},{';'.join(m + ['/m/unknown'])}\n"
+                                                        for n, m in mids.items()))
+        extra = ["--targets", str(tgt)]
+    rc = ev.main(["--checkpoint", str(ckpts["ft"]), "--manifest", str(man), "--labels", str(ckpts["labels"]),
+                  "--batch-size", "3"] + extra)
+    out = capsys.readouterr()
+    assert rc == 0 and "corrupt.wav" in out.err and "1 clip(s) skipped, 4 processed" in out.err
+    if style == "targets_csv":
+        assert out.err.count("unknown label mid '/m/unknown'") == 1
+    got = float(re.search(r"mAP (\S+) over 3 classes with positives, 4 clips", out.out).group(1))
+    y = np.array([[int(m in mids[n]) for m in MIDS] for n in names])
+    want, ap = ev.mean_average_precision(_clf_scores(ckpts, data, names), y)
+    assert got == pytest.approx(want, abs=2e-6)
+    assert np.isnan(ap).sum() == 3
+
+
+def test_evaluate_manifest_without_mids_needs_targets(data, ckpts, tmp_path, capsys):
+    man = tmp_path / "m.tsv"
+    man.write_text(f"{data}\na.wav\t16000\n")
+    with pytest.raises(SystemExit):
+        ev.main(["--checkpoint", str(ckpts["ft"]), "--manifest", str(man), "--labels", str(ckpts["labels"])])
+    assert "--targets" in capsys.readouterr().err
+
+
+# --- GPU, at the real SSLAM shapes --------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_extract_cuda_matches_cpu_base_model(tmp_path):
+    torch.manual_seed(0)
+    clf = AudioClassifier(ModelConfig.base()).eval()
+    ck = tmp_path / "ft.pt"
+    save_finetuned_checkpoint(ck, clf)
+    sf.write(tmp_path / "ten.wav", _tone(320000, 32000, 440.0, 2, 7), 32000)  # 10 s, 32 kHz stereo
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        o = tmp_path / f"{dev}.npy"
+        assert extract.main(["--checkpoint", str(ck), "--audio", str(tmp_path / "ten.wav"), "--out", str(o),
+                             "--granularity", "all", "--device", dev]) == 0
+        outs[dev] = np.load(o)
+    assert outs["cpu"].shape == (1 + 1008 // 16 * 8, 768)
+    np.testing.assert_allclose(outs["cuda"], outs["cpu"], rtol=0, atol=2e-3)
