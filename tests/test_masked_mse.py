@@ -6,8 +6,6 @@ Triton kernels run on CUDA when there is one, else on CPU under the interpreter 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -193,28 +191,7 @@ def test_opcheck(backend):
 # values, ints specialised to constexpr 1, bf16 lowering). Without a GPU, compile the kernels for sm_90 (H100) to a
 # cubin in a subprocess where TRITON_INTERPRET is unset.
 
-COMPILE_PROBE = """
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sslam_fast.kernels import {module} as mod
-for name, sig, consts, warps in {specs!r}:
-    fn = getattr(mod, name)
-    sig = dict(sig, **{{k: "constexpr" for k in consts}})
-    cx = {{(fn.arg_names.index(k),): v for k, v in consts.items()}}
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": warps}})
-    assert k.asm["cubin"], name
-print("ok")
-"""
-
-
-def _compiles_for_sm90(module, specs):
-    code = COMPILE_PROBE.format(module=module, specs=specs)
-    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
+from sm90_compile import compiles_for_sm90 as _compiles_for_sm90  # noqa: E402
 
 
 @pytest.mark.skipif(HAS_CUDA or not _backend.triton_importable(), reason="the CUDA tests run the kernels themselves")
