@@ -1,0 +1,20 @@
+"""The lean trainer: configuration, optimiser / schedule and run-state helpers (issue "torchrun train.py")."""
+
+from sslam_fast.train.config import PRESETS, ConfigError, TrainConfig, load_config
+from sslam_fast.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "GracefulExit",
+    "TrainConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "capture_rng_state",
+    "find_latest_checkpoint",
+    "load_config",
+    "lr_at",
+    "param_groups",
+    "restore_rng_state",
+]
