@@ -72,7 +72,7 @@ def test_preset_values_follow_spec():
         2.56,
         8,
         1e-3,
-        20,
+        40,
     )
 
 
@@ -110,7 +110,7 @@ def test_yaml_precedence(tmp_path):
     cfg = load_config(["--batch_size=7", "--config", str(f), "--preset=tiny"])
     assert cfg.lr == 0.002 and cfg.batch_size == 7 and cfg.betas == (0.5, 0.6) and cfg.run_dir == "out/a"
     assert cfg.compile is True and cfg.clones == 2
-    assert cfg.embed_dim == 64 and cfg.warmup_updates == 20  # untouched preset values
+    assert cfg.embed_dim == 64 and cfg.warmup_updates == 40  # untouched preset values
     assert load_config([f"--config={f}"]).embed_dim == 768  # default preset under the file
 
 

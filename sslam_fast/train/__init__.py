@@ -1,7 +1,9 @@
 """The lean trainer: configuration, optimiser / schedule and run-state helpers (issue "torchrun train.py")."""
 
 from sslam_fast.train.config import PRESETS, ConfigError, TrainConfig, load_config
+from sslam_fast.train.loop import TrainingError, default_data_root, train
 from sslam_fast.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from sslam_fast.train.probe import linear_probe
 from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
 
 __all__ = [
@@ -9,12 +11,16 @@ __all__ = [
     "ConfigError",
     "GracefulExit",
     "TrainConfig",
+    "TrainingError",
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
+    "default_data_root",
     "find_latest_checkpoint",
+    "linear_probe",
     "load_config",
     "lr_at",
     "param_groups",
     "restore_rng_state",
+    "train",
 ]
