@@ -87,8 +87,8 @@ def test_cli_overrides_convert_types():
             "--lr=2e-3",
             "--batch_size",
             "3",
-            "--compile=true",
-            "--features-in-workers=1",
+            "--compile=false",
+            "--features-in-workers=0",
             "--betas=0.8,0.99",
             "--data=/x/y.tsv",
             "--clip_seconds=3",
@@ -97,7 +97,7 @@ def test_cli_overrides_convert_types():
     )
     assert cfg.lr == 2e-3 and isinstance(cfg.lr, float)
     assert cfg.batch_size == 3 and isinstance(cfg.batch_size, int)
-    assert cfg.compile is True and cfg.features_in_workers is True
+    assert cfg.compile is False and cfg.features_in_workers is False
     assert cfg.betas == (0.8, 0.99)
     assert cfg.data == "/x/y.tsv" and cfg.clip_seconds == 3.0 and cfg.max_updates == 1000
     assert load_config(["--preset=tiny", "--compile=False"]).compile is False
@@ -105,11 +105,11 @@ def test_cli_overrides_convert_types():
 
 def test_yaml_precedence(tmp_path):
     f = tmp_path / "run.yaml"
-    f.write_text("lr: 0.002\nbatch_size: 5\nbetas: [0.5, 0.6]\nrun_dir: out/a\ncompile: true\nclones: 2\n")
+    f.write_text("lr: 0.002\nbatch_size: 5\nbetas: [0.5, 0.6]\nrun_dir: out/a\ncompile: false\nclones: 2\n")
     # CLI beats file beats preset, whatever the order on the command line.
     cfg = load_config(["--batch_size=7", "--config", str(f), "--preset=tiny"])
     assert cfg.lr == 0.002 and cfg.batch_size == 7 and cfg.betas == (0.5, 0.6) and cfg.run_dir == "out/a"
-    assert cfg.compile is True and cfg.clones == 2
+    assert cfg.compile is False and cfg.clones == 2
     assert cfg.embed_dim == 64 and cfg.warmup_updates == 40  # untouched preset values
     assert load_config([f"--config={f}"]).embed_dim == 768  # default preset under the file
 
@@ -147,6 +147,8 @@ def test_to_dict_roundtrip(tmp_path):
         (["--betas=0.9"], "betas"),
         (["--betas=0.9,1.0"], "betas must be two values"),
         (["--warmup_updates=500000"], "warmup_updates .* must not exceed max_updates"),
+        (["--compile=true"], "compile=true is not supported"),
+        (["--features_in_workers=true"], "features_in_workers=true is not supported"),
         (["--target_length=1000"], "target_length must be a positive multiple of 16"),
         (["--stage=beats"], "stage must be 'eat' or 'sslam'"),
         (["--precision=fp16"], "precision"),

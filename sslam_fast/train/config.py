@@ -139,6 +139,9 @@ def _first_error(c: TrainConfig) -> str | None:
     checks = [
         (c.stage in ("eat", "sslam"), f"stage must be 'eat' or 'sslam', got {c.stage!r}"),
         (c.precision in ("auto", "fp32", "bf16"), f"precision must be 'auto', 'fp32' or 'bf16', got {c.precision!r}"),
+        # Declared for the recipe but not wired into the loop yet: refuse rather than silently ignore them.
+        (not c.compile, "compile=true is not supported by the training loop yet"),
+        (not c.features_in_workers, "features_in_workers=true is not supported by the training loop yet"),
         (c.lr > 0 and math.isfinite(c.lr), f"lr must be a positive finite number, got {c.lr}"),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
         (c.grad_accum >= 1, f"grad_accum must be >= 1, got {c.grad_accum}"),
