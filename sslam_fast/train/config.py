@@ -89,24 +89,7 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         """The ``ModelConfig`` of this run (raises ConfigError if the model fields are inconsistent)."""
         try:
-            return ModelConfig(
-                embed_dim=self.embed_dim,
-                depth=self.depth,
-                num_heads=self.num_heads,
-                grid=self.grid,
-                decoder_dim=self.embed_dim,
-                decoder_layers=self.decoder_layers,
-                decoder_groups=self.decoder_groups,
-                clones=self.clones,
-                mask_prob=self.mask_prob,
-                mask_length=self.mask_length,
-                mask_prob_adjust=self.mask_prob_adjust,
-                mask_noise_std=self.mask_noise_std,
-                average_top_k_layers=self.average_top_k_layers,
-                cls_loss_weight=self.cls_loss_weight,
-                stage=self.stage,
-                mix_window_frames=self.mix_window_frames,
-            )
+            return ModelConfig(decoder_dim=self.embed_dim, **{name: getattr(self, name) for name in _MODEL_FIELDS})
         except ValueError as e:
             raise ConfigError(f"invalid model configuration: {e}") from e
 
@@ -195,6 +178,18 @@ def _first_error(c: TrainConfig) -> str | None:
     return None
 
 
+# TrainConfig fields that are ModelConfig fields of the same name (the decoder width follows embed_dim).
+_MODEL_FIELDS = (
+    "embed_dim", "depth", "num_heads", "grid", "decoder_layers", "decoder_groups", "clones", "mask_prob",
+    "mask_length", "mask_prob_adjust", "mask_noise_std", "average_top_k_layers", "cls_loss_weight", "stage",
+    "mix_window_frames",
+)
+
+
+def _model_fields(model: ModelConfig) -> dict:
+    return {name: getattr(model, name) for name in _MODEL_FIELDS}
+
+
 def _num_frames(c: TrainConfig) -> int:
     n = int(round(c.clip_seconds * 16000))  # fbank frames are 25 ms / 10 ms at 16 kHz whatever the file rate
     return 0 if n < _FRAME_LENGTH else 1 + (n - _FRAME_LENGTH) // _FRAME_SHIFT
@@ -209,24 +204,16 @@ PRESETS: dict[str, TrainConfig] = {
     "sslam-as2m": TrainConfig(
         stage="sslam", clones=8, lr=5e-5, warmup_updates=25000, max_updates=200000, save_every_updates=40262
     ),
-    # CPU smoke model, mirrors ModelConfig.tiny(): 256 frames = 2.56 s clips.
+    # CPU smoke run on ModelConfig.tiny(): 256 frames = 2.56 s clips.
     "tiny": TrainConfig(
         run_dir="runs/tiny",
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        grid=(16, 8),
+        **_model_fields(ModelConfig.tiny()),
         target_length=256,
         clip_seconds=2.56,
-        decoder_layers=2,
-        decoder_groups=4,
-        clones=4,
         batch_size=8,
         lr=1e-3,
         warmup_updates=40,
         max_updates=800,
-        average_top_k_layers=2,
-        mix_window_frames=48,
         ema_end_step=400,
         num_workers=0,
         log_every=10,
