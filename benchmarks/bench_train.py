@@ -1,0 +1,512 @@
+"""The whole pre-training step: the upstream-faithful path against sslam_fast, eager and under torch.compile.
+
+    python benchmarks/bench_train.py --preset tiny --threads 1         # CPU, ModelConfig.tiny(), both stages
+    python benchmarks/bench_train.py --preset tiny --quick             # smoke run: few steps, no torch.compile
+    python benchmarks/bench_train.py --preset base --device cuda --write
+    python benchmarks/bench_train.py --preset tiny --profile           # + top-25 operators of (a) and (c)
+
+One step is everything the trainer does per update, from a batch of raw int16 waveforms already on the device to the
+updated teacher: features, masks (and the SSLAM mix windows), the EMA step, the loss terms (bf16 autocast on CUDA),
+backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight decay 0.05 on the matrices). Variants:
+
+- (a) plain: the upstream pipeline. Per clip ``x / 32768``, ``x - x.mean()``, ``torchaudio.compliance.kaldi.fbank``
+  with the SPEC §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks from
+  the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
+  parameter by parameter (``foreach=False``, as fairseq's own AdamW); the Python EMA loop (``ema_step(fast=False)``).
+- (b) (a) with the loss function under ``torch.compile`` (default inductor).
+- (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``losses(fast=True)``, foreach clipping, fused
+  AdamW where every parameter is on CUDA (foreach otherwise), ``ema_step(fast=True)``.
+- (d) (c) with the loss function under ``torch.compile``.
+
+Each variant trains its own deep copy of one initial model with its own optimizer. After the warm-up steps (which
+also compile (b) and (d)) the variants run round-robin, one step each per round, so a drift of the machine hits them
+alike; the table gives the median step time. A failing compile is reported in its row and the run goes on. Masks are
+drawn from a generator seeded per step; the SSLAM windows are drawn with ``sample_mix_windows`` every step from a
+generator seeded the same every step, so every step sees the same (s1, s2): a compiled loss specialises on these two
+ints and would recompile (minutes on a small CPU) for every new pair, while the eager cost does not depend on them.
+
+Peak memory is the memory one step needs above what is held between steps (model, teacher, optimizer state):
+
+- CUDA: ``max_memory_allocated()`` during one step minus ``memory_allocated()`` before it (after
+  ``reset_peak_memory_stats``), with the gradients of the previous step freed first.
+- CPU: peak resident set size of one step above the resident size before it. Each variant runs in a fresh
+  subprocess (this script with a hidden flag) so that no other variant's heap is in the way. The subprocess first sets
+  glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 64 KiB with ``mallopt``: every large tensor then lives in
+  its own mmap and goes back to the kernel when freed, and the heap top is trimmed, so RSS follows the live tensors
+  instead of keeping freed blocks. It runs one warm-up step (creating the optimizer state), frees the gradients,
+  ``gc.collect()``, writes "5" to ``/proc/self/clear_refs`` (which resets the peak RSS, ``VmHWM``, to the current
+  RSS), reads ``VmRSS``, runs one step and reads ``VmHWM``; the difference is the figure. Those steps are not timed:
+  mmap-backed allocation is slower than malloc's reuse.
+
+Loss agreement: on identical weights, inputs, masks and windows with ``mask_noise_std=0``, in fp32 (no autocast, no
+TF32), ``losses(fast=False)`` and ``losses(fast=True)`` are compared term by term (max relative difference). The
+variants' own losses differ slightly by construction: the C++ and the per-row mask generators draw differently.
+
+The last line compares (c) with (a) for the SSLAM stage (EAT if only that ran): ``fast/reference: speedup=clips/s
+ratio memory=peak-memory ratio``. On CUDA each row also gives the share of the bf16 roofline,
+``clips/s * 1.08e12 / 989e12`` (PERF.md; the FLOP count is the base model's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, write_section  # noqa: E402
+
+from sslam_fast import _backend  # noqa: E402
+from sslam_fast.models import ModelConfig, PretrainingModel  # noqa: E402
+from sslam_fast.ops import eat_features, inverse_block_mask, sample_mix_windows  # noqa: E402
+from sslam_fast.reference import masks as ref_masks  # noqa: E402
+from sslam_fast.train.optim import param_groups  # noqa: E402
+
+FLOP_PER_CLIP = 1.08e12  # base model, stage 1 (PERF.md)
+BF16_FLOP_S = 989e12  # H100 SXM dense bf16
+NORM_MEAN, NORM_STD = -4.268, 4.569
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP_NORM = 5e-5, (0.9, 0.95), 1e-8, 0.05, 4.0
+SEED = 0
+MEMORY_TAG = "MEMORY_CHILD_RESULT "
+PROFILE_STEPS = 3
+
+# key: (label, fast path, loss under torch.compile)
+VARIANTS = {
+    "a": ("(a) plain (upstream-faithful)", False, False),
+    "b": ("(b) plain + torch.compile(losses)", False, True),
+    "c": ("(c) fast (sslam_fast)", True, False),
+    "d": ("(d) fast + torch.compile(losses)", True, True),
+}
+STAGE_TITLES = {"sslam": "SSLAM stage 2", "eat": "EAT stage 1"}
+
+
+# --- set-up -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    preset: str
+    stage: str
+    device: torch.device
+    batch: int
+    cfg: ModelConfig
+    samples: int  # waveform length at 16 kHz
+    target_length: int  # frames after pad / crop
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def make_setup(preset: str, stage: str, batch: int, device: torch.device) -> Setup:
+    if preset == "tiny":  # the trainer's tiny preset: 2.56 s clips, 256 frames, K = 4 in both stages
+        cfg = ModelConfig.tiny(stage=stage)
+        return Setup(preset, stage, device, batch, cfg, 40960, 256)
+    # base: SPEC §7, K = 16 in stage 1 and 8 in stage 2 (the sslam-as2m preset)
+    cfg = ModelConfig.base(stage=stage, clones=8 if stage == "sslam" else 16)
+    return Setup(preset, stage, device, batch, cfg, 160000, 1024)
+
+
+def make_audio(s: Setup) -> torch.Tensor:
+    """(B, samples) int16 PCM on the device: a few tones per clip plus noise, at a moderate level."""
+    g = torch.Generator().manual_seed(SEED)
+    t = torch.arange(s.samples, dtype=torch.float32) / 16000
+    freqs = 100 + 3900 * torch.rand(s.batch, 3, 1, generator=g)
+    x = 0.1 * torch.sin(2 * math.pi * freqs * t).sum(1) + 0.05 * torch.randn(s.batch, s.samples, generator=g)
+    return (x * 32767).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
+
+
+def plain_features(audio: torch.Tensor, target_length: int) -> torch.Tensor:
+    """The upstream loader, clip by clip (SPEC §1): (B, 1, target_length, 128) float32."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    out = []
+    for clip in audio:
+        x = clip.float() / 32768.0  # soundfile's float32 read of 16-bit PCM
+        x = x - x.mean()
+        fb = kaldi.fbank(x[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                         num_mel_bins=128, dither=0.0, frame_shift=10)
+        n = fb.shape[0]
+        fb = F.pad(fb, (0, 0, 0, target_length - n)) if n < target_length else fb[:target_length]
+        out.append(((fb - NORM_MEAN) / (NORM_STD * 2))[None])
+    return torch.stack(out)
+
+
+def initial_model(s: Setup) -> PretrainingModel:
+    torch.manual_seed(SEED)
+    return PretrainingModel(s.cfg).to(s.device).train()
+
+
+def _windows(s: Setup):
+    if s.stage != "sslam":
+        return None
+    g = torch.Generator().manual_seed(SEED + 1)  # the same pair every step (see the module docstring)
+    return sample_mix_windows(g, num_frames=s.target_length, window_frames=s.cfg.mix_window_frames)
+
+
+# --- one variant ------------------------------------------------------------------------------------------------------
+
+
+class Variant:
+    """One variant's model copy, optimizer and step function."""
+
+    def __init__(self, key: str, s: Setup, model0: PretrainingModel):
+        self.key, self.s = key, s
+        self.label, self.fast, self.compiled = VARIANTS[key]
+        self.model = copy.deepcopy(model0).train()
+        groups = param_groups(self.model, WEIGHT_DECAY)
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.fast:
+            kw = {"foreach": False}  # fairseq's AdamW: a Python loop over parameters
+        elif all(p.is_cuda and p.is_floating_point() for p in self.params):
+            kw = {"fused": True}
+        else:
+            kw = {"foreach": True}
+        self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, **kw)
+        model, fast = self.model, self.fast
+
+        def loss_fn(source, masks, windows):
+            return model.losses(source, masks, windows, fast=fast)
+
+        self.loss_fn = torch.compile(loss_fn) if self.compiled else loss_fn
+        self.n = 0  # optimizer steps done
+        self.times: list[float] = []
+        self.first_loss: float | None = None
+        self.peak: int | None = None
+        self.note = ""  # "failed: ..." / "skipped (...)"
+
+    def step(self, audio: torch.Tensor) -> torch.Tensor:
+        s, cfg = self.s, self.s.cfg
+        self.model.ema_step(self.n, fast=self.fast)  # the trainer's order: EMA first, with the updates done
+        self.opt.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + self.n)
+        mask_kw = dict(grid=cfg.grid, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length,
+                       mask_prob_adjust=cfg.mask_prob_adjust, generator=g, device=s.device)
+        if self.fast:
+            source = eat_features(audio, target_length=s.target_length)
+            masks = inverse_block_mask(s.batch, cfg.clones, **mask_kw)
+        else:
+            source = plain_features(audio, s.target_length)
+            masks = ref_masks.inverse_block_mask(s.batch, cfg.clones, **mask_kw)
+        windows = _windows(s)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.cuda):
+            out = self.loss_fn(source, masks, windows)
+        loss = out["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM, foreach=self.fast)
+        self.opt.step()
+        self.n += 1
+        return loss.detach()
+
+    def timed_step(self, audio: torch.Tensor) -> None:
+        if self.s.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.step(audio)
+        if self.s.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - t0)
+
+    def cuda_peak(self, audio: torch.Tensor) -> int:
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.step(audio)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+    return f"failed: {type(exc).__name__}: {msg}".replace("|", "/")  # keep the markdown table intact
+
+
+# --- CPU peak memory in a fresh process -------------------------------------------------------------------------------
+
+
+def _proc_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def memory_child(args) -> None:
+    """The hidden ``--_memory-child STAGE:KEY`` mode: print the peak RSS of one step above the RSS before it."""
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024) != 1:
+        raise RuntimeError("glibc mallopt refused the 64 KiB mmap / trim thresholds")
+    stage, key = args._memory_child.split(":")
+    s = make_setup(args.preset, stage, args.batch, torch.device("cpu"))
+    v = Variant(key, s, initial_model(s))
+    audio = make_audio(s)
+    v.step(audio)  # warm-up: optimizer state, compile, lazy initialisation
+    v.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _proc_kib("VmRSS")
+    v.step(audio)
+    peak = _proc_kib("VmHWM")
+    print(MEMORY_TAG + json.dumps({"peak_bytes": (peak - before) * 1024, "rss_before_bytes": before * 1024}))
+
+
+def cpu_peak(args, stage: str, key: str) -> int:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", f"{stage}:{key}", "--preset", args.preset,
+           "--batch", str(args.batch), "--threads", str(args.threads), "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        if line.startswith(MEMORY_TAG):
+            return int(json.loads(line[len(MEMORY_TAG):])["peak_bytes"])
+    tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"memory subprocess for {stage}:{key} exited with {res.returncode}: {tail}")
+
+
+# --- loss agreement ---------------------------------------------------------------------------------------------------
+
+
+def loss_agreement(s: Setup, model0: PretrainingModel, audio: torch.Tensor) -> dict[str, float]:
+    """Max relative difference, per loss term, of losses(fast=True) against losses(fast=False) on identical inputs."""
+    model = copy.deepcopy(model0).train()
+    source = plain_features(audio, s.target_length)
+    cfg = s.cfg
+    masks = inverse_block_mask(s.batch, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length,
+                               mask_prob_adjust=cfg.mask_prob_adjust, generator=torch.Generator().manual_seed(SEED),
+                               device=s.device)
+    windows = _windows(s)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            plain = model.losses(source, masks, windows, mask_noise_std=0.0, fast=False)
+            fast = model.losses(source, masks, windows, mask_noise_std=0.0, fast=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    rel = {}
+    for k in plain:
+        a, b = float(plain[k]), float(fast[k])
+        rel[k] = 0.0 if a == b else abs(a - b) / max(abs(a), abs(b))
+    return rel
+
+
+# --- one stage --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    setup: Setup
+    variants: list[Variant]
+    agreement: dict[str, float] = field(default_factory=dict)
+    profiles: list[tuple[str, str]] = field(default_factory=list)
+
+
+def run_stage(args, stage: str, device: torch.device) -> StageResult:
+    s = make_setup(args.preset, stage, args.batch, device)
+    model0 = initial_model(s)
+    audio = make_audio(s)
+    torch._dynamo.reset()  # each stage compiles its own graphs
+    variants = [Variant(k, s, model0) for k in VARIANTS]
+    for v in variants:
+        if v.compiled and args.quick:
+            v.note = "skipped (--quick)"
+    active = [v for v in variants if not v.note]
+
+    print(f"[{stage}] warm-up: {args.warmup} step(s) per variant", flush=True)
+    for v in active:
+        try:
+            for i in range(args.warmup):  # the first step gives the first-step loss (and compiles)
+                loss = v.step(audio)
+                if i == 0:
+                    v.first_loss = float(loss)
+        except Exception as exc:  # noqa: BLE001 - a compile failure is reported in the table, never hidden
+            if not v.compiled:
+                raise
+            v.note = _short(exc)
+            print(f"  {v.label}: {v.note}", flush=True)
+    active = [v for v in active if not v.note]
+    print(f"[{stage}] timing: {args.steps} round(s) of {len(active)} variant(s)", flush=True)
+    for _ in range(args.steps):
+        for v in list(active):
+            try:
+                v.timed_step(audio)
+            except Exception as exc:  # noqa: BLE001
+                if not v.compiled:
+                    raise
+                v.note, v.times = _short(exc), []
+                active.remove(v)
+
+    for v in active:
+        if s.cuda:
+            v.peak = v.cuda_peak(audio)
+        else:
+            try:
+                v.peak = cpu_peak(args, stage, v.key)
+            except RuntimeError as exc:
+                if not v.compiled:
+                    raise
+                print(f"  {v.label}: peak memory {_short(exc)}", flush=True)
+    result = StageResult(s, variants, loss_agreement(s, model0, audio))
+    if args.profile is not None:
+        result.profiles = profile(s, [v for v in variants if v.key in ("a", "c")], audio)
+    return result
+
+
+def profile(s: Setup, variants: list[Variant], audio: torch.Tensor) -> list[tuple[str, str]]:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if s.cuda else [])
+    sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
+    out = []
+    for v in variants:
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(PROFILE_STEPS):
+                v.step(audio)
+            if s.cuda:
+                torch.cuda.synchronize()
+        out.append((v.label, prof.key_averages().table(sort_by=sort, row_limit=25)))
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------------------------
+
+
+def median_s(v: Variant) -> float | None:
+    return statistics.median(v.times) if v.times else None
+
+
+def stage_table(r: StageResult) -> str:
+    s = r.setup
+    head = ["variant", "ms / step", "clips/s", "vs (a)", "peak MiB", "peak MiB / clip", "first-step loss"]
+    if s.cuda:
+        head.append("bf16 roofline share")
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    t_ref = median_s(r.variants[0])
+    for v in r.variants:
+        t = median_s(v)
+        if t is None:
+            lines.append("| " + " | ".join([v.label, v.note] + ["-"] * (len(head) - 2)) + " |")
+            continue
+        rate = s.batch / t
+        cells = [v.label, f"{1e3 * t:.1f}", f"{rate:.4g}", f"{t_ref / t:.2f}x" if t_ref else "-",
+                 "-" if v.peak is None else f"{v.peak / 2**20:.1f}",
+                 "-" if v.peak is None else f"{v.peak / 2**20 / s.batch:.2f}",
+                 "-" if v.first_loss is None else f"{v.first_loss:.4f}"]
+        if s.cuda:
+            cells.append(f"{100 * rate * FLOP_PER_CLIP / BF16_FLOP_S:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_title(r: StageResult, args) -> str:
+    s = r.setup
+    return (f"### {STAGE_TITLES[s.stage]} ({s.stage}), preset {s.preset}, batch {s.batch}, clones {s.cfg.clones}, "
+            f"{s.samples / 16000:g} s clips, device {s.device.type}")
+
+
+def agreement_line(r: StageResult) -> str:
+    terms = " ".join(f"{k}={v:.1e}" for k, v in r.agreement.items())
+    return (f"loss agreement [{r.setup.stage}] (fp32, identical weights/inputs/masks, mask_noise_std=0), "
+            f"max rel diff fast vs plain: {terms}; max={max(r.agreement.values()):.1e}")
+
+
+def final_line(results: list[StageResult]) -> str:
+    r = next((r for r in results if r.setup.stage == "sslam"), results[0])
+    a, c = r.variants[0], r.variants[2]
+    speed = median_s(a) / median_s(c)  # clips/s ratio c / a = time ratio a / c
+    mem = (c.peak / a.peak) if (a.peak and c.peak is not None) else float("nan")
+    return f"fast/reference: speedup={speed:.2f}x memory={mem:.2f}x"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=("sslam", "eat", "both"), default="both")
+    p.add_argument("--preset", choices=("tiny", "base"), default="tiny")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=None, help="clips per step (tiny 8; base 2 on CPU, 12 on CUDA)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (default 20; 5 for base on CPU; 3 --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="few steps, no torch.compile variants")
+    p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    p.add_argument("--profile", nargs="?", const="", default=None, metavar="PATH",
+                   help="profile a few steps of (a) and (c); top-25 operators by self time to PATH "
+                        "(default benchmarks/profiles/train_<preset>_<device>.txt)")
+    p.add_argument("--_memory-child", dest="_memory_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.batch is None:
+        args.batch = 8 if args.preset == "tiny" else (12 if args.device == "cuda" else 2)
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    if args._memory_child is not None:
+        memory_child(args)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if args.steps is None:
+        args.steps = 3 if args.quick else (5 if args.preset == "base" and args.device == "cpu" else 20)
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 3
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1")
+    # (b) and (d) share the code object of the loss closure: one cache entry per model copy and path
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    device = torch.device(args.device)
+
+    machine = machine_line()
+    print(machine, flush=True)
+    fbank_be = _backend.resolve("fbank", "auto", device)
+    mask_be = _backend.resolve("inverse_block_mask", "auto", device)
+    notes = (f"threads {torch.get_num_threads()}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
+             f"median of {args.steps} round-robin steps after {args.warmup} warm-up step(s) per variant"
+             f"{' (--quick)' if args.quick else ''}; fast path: eat_features[{fbank_be}], "
+             f"inverse_block_mask[{mask_be}]; peak = "
+             + ("max_memory_allocated above the step's start" if device.type == "cuda"
+                else "peak RSS above the step's start, fresh process per variant (see the docstring)"))
+    print(notes, flush=True)
+    stages = ["sslam", "eat"] if args.stage == "both" else [args.stage]
+    results = [run_stage(args, st, device) for st in stages]
+
+    blocks = []
+    for r in results:
+        blocks.append("\n\n".join([stage_title(r, args), stage_table(r), agreement_line(r)]))
+    text = "\n\n".join(blocks)
+    print()
+    print(text)
+    if args.profile is not None:
+        path = Path(args.profile) if args.profile else (
+            Path(__file__).resolve().parent / "profiles" / f"train_{args.preset}_{args.device}.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = [machine]
+        for r in results:
+            for label, table in r.profiles:
+                parts.append(f"## {STAGE_TITLES[r.setup.stage]}: {label}, {PROFILE_STEPS} steps, top 25 by self time"
+                             f"\n\n{table}")
+        path.write_text("\n\n".join(parts) + "\n")
+        print("\n\n".join(parts[1:]))
+        print(f"profile written to {path}")
+    last = final_line(results)
+    if args.write:
+        cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        body = "\n\n".join([f"## Train step, preset {args.preset}, device {args.device}",
+                            f"{machine}  \ncommand: `{cmd.strip()}`; {notes}", text, f"`{last}`"])
+        write_section(f"bench_train_{args.preset}_{args.device}", body)
+    print(last)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
