@@ -209,6 +209,28 @@ def test_fast_path_on_triton_kernels(monkeypatch):
         model.losses(source, masks, windows, mask_noise_std=0.0, fast=False)
 
 
+def test_fast_path_under_torch_compile():
+    """The whole fast step (stage 2: every op) through torch.compile with inductor on CPU: the custom ops' fake
+    kernels must describe their outputs exactly (strides included), and the numbers must not move."""
+    windows = (16, 96)
+    model = _model("sslam")
+    cfg = model.cfg
+    source, masks = _source(2, cfg), _masks(2 * cfg.clones, cfg.num_patches, 9)
+    eager, g_eager = _run(model, source, masks, windows, mask_noise_std=0.0, fast=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, m: model.losses(s, m, windows, mask_noise_std=0.0, fast=True))
+    model.zero_grad(set_to_none=True)
+    out = compiled(source, masks)
+    out["loss"].backward()
+    for key in eager:
+        assert abs(float(out[key]) - float(eager[key])) <= 1e-5 * abs(float(eager[key])), key
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert _rel(p.grad, g_eager[n]) < 1e-5, n
+    assert set(g_eager) == {n for n, p in model.named_parameters() if p.grad is not None}
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 def test_mask_noise_changes_loss(fast):
     model = _model("eat")

@@ -341,8 +341,11 @@ def test_opcheck(backend):
     torch.library.opcheck(
         ops.clone_gather.default, (x, ids_keep, K, cls, w, b, 1e-6, backend), test_utils=OPCHECK_UTILS
     )
-    bwd_args = (grad, x.detach(), ids_keep, K, cls.detach(), w.detach(), b.detach(), 1e-6, backend)
-    torch.library.opcheck(ops.clone_gather_backward.default, bwd_args, test_utils=OPCHECK_UTILS)
+    # x as the encoder hands it over (patchify's output is a transposed view): gradients come back contiguous
+    x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    for xb in (x.detach(), x_t):
+        bwd_args = (grad, xb, ids_keep, K, cls.detach(), w.detach(), b.detach(), 1e-6, backend)
+        torch.library.opcheck(ops.clone_gather_backward.default, bwd_args, test_utils=OPCHECK_UTILS)
     _, _, ids_restore = _masks(B * K, N, k, seed=2)
     xe = torch.randn(B * K, 1 + k, D, device=DEV, requires_grad=True)
     noise = torch.randn(B * K, N - k, D, device=DEV) * 0.01 if backend == "reference" else None

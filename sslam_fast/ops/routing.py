@@ -111,7 +111,9 @@ def _clone_gather_bwd_op(
 
 @_clone_gather_bwd_op.register_fake
 def _(grad, x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps, backend):
-    return torch.empty_like(x), torch.empty_like(cls_token), torch.empty_like(norm_weight), torch.empty_like(norm_bias)
+    # every backend returns contiguous gradients, whatever the strides of x (patchify's output is a transposed view)
+    return (x.new_empty(x.shape), cls_token.new_empty(cls_token.shape), norm_weight.new_empty(norm_weight.shape),
+            norm_bias.new_empty(norm_bias.shape))
 
 
 def _clone_gather_setup(ctx, inputs, output):
