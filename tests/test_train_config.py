@@ -147,8 +147,6 @@ def test_to_dict_roundtrip(tmp_path):
         (["--betas=0.9"], "betas"),
         (["--betas=0.9,1.0"], "betas must be two values"),
         (["--warmup_updates=500000"], "warmup_updates .* must not exceed max_updates"),
-        (["--compile=true"], "compile=true is not supported"),
-        (["--features_in_workers=true"], "features_in_workers=true is not supported"),
         (["--target_length=1000"], "target_length must be a positive multiple of 16"),
         (["--stage=beats"], "stage must be 'eat' or 'sslam'"),
         (["--precision=fp16"], "precision"),

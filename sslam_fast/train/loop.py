@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -116,17 +117,19 @@ def _ema_step(model, n: int, cfg: TrainConfig) -> float:
 def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, rank, world) -> None:
     from sslam_fast.checkpoint import save_pretraining_checkpoint
 
-    rng = capture_rng_state()
+    mine = (capture_rng_state(), {"epoch": int(position[0]), "batches_done": int(position[1])})
     if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, rng)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
     else:
-        states = [rng]
+        gathered = [mine]
+    states, positions = [g[0] for g in gathered], [g[1] for g in gathered]
     if rank == 0:
         extra = {
             "sslam_fast_train": {
                 "step": int(step),
-                "position": {"epoch": int(position[0]), "batches_done": int(position[1])},
+                "position": positions[0],
+                "positions": positions,  # per rank: a rank that skipped an all-bad batch is one batch ahead
                 "rng": states,
                 "scheduler": scheduler.state_dict(),
                 "config": cfg.to_dict(),
@@ -159,10 +162,13 @@ def _load(path: Path, model, optimizer, scheduler, rank: int, world: int) -> dic
     model.num_updates = max(int(st["step"]) - 1, 0)
     if len(st["rng"]) == world:
         restore_rng_state(st["rng"][rank])
+        if len(st.get("positions", ())) == world:
+            st["position"] = st["positions"][rank]
     return st
 
 
 def _features(cfg, batch, device):
+    """(B, 1, T, 128) normalised log-mels of a collated batch, computed on ``device`` (int16 scaled to [-1, 1])."""
     from sslam_fast.ops import eat_features
 
     audio = batch["audio"].to(device, non_blocking=True)
@@ -172,6 +178,73 @@ def _features(cfg, batch, device):
                         norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
 
 
+def _masks(cfg, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+    from sslam_fast.ops import inverse_block_mask
+
+    return inverse_block_mask(batch_size, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob,
+                              mask_length=cfg.mask_length, mask_prob_adjust=cfg.mask_prob_adjust,
+                              generator=generator, device=device)
+
+
+class WorkerFeatures:
+    """The loader's ``collate_fn`` for ``features_in_workers=True``: collate, then fbank and masks on the CPU in the
+    loader worker (where upstream computes them), added to the batch as ``fbank`` and ``masks``.
+
+    The masks of a batch are seeded from ``cfg.seed`` and the batch's item indices in order, so they do not depend on
+    which worker builds the batch, and a resumed run draws the same ones."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def __call__(self, items: list) -> dict:
+        from sslam_fast.data import collate
+
+        batch = collate(items)
+        B = batch["audio"].shape[0]
+        if B == 0:
+            return batch
+        seed = zlib.crc32(batch["indices"].numpy().tobytes(), self.cfg.seed & 0xFFFFFFFF)
+        with torch.no_grad():
+            batch["fbank"] = _features(self.cfg, batch, torch.device("cpu"))
+            batch["masks"] = _masks(self.cfg, B, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        return batch
+
+
+class _TensorBoard:
+    """TensorBoard scalars of each metrics record (rank 0, ``cfg.tensorboard``); a no-op otherwise."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"))
+
+    def write(self, rec: dict) -> None:
+        if self.writer is None:
+            return
+        for key in ("loss", "patch", "mix_patch", "cls", "lr", "ema_decay", "clips_per_s"):
+            if rec.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
+        for key, value in rec["time"].items():
+            self.writer.add_scalar(f"time/{key}", value, rec["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _check_tensorboard(cfg: TrainConfig) -> None:
+    if not cfg.tensorboard:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as e:
+        from sslam_fast.train.config import ConfigError
+
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) pre-training as configured; returns the summary dict (also the last line of metrics.jsonl).
 
@@ -179,8 +252,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     stops (saving a checkpoint) after k updates of this invocation, as a SIGTERM would."""
     from sslam_fast.data import BadFileMonitor, ResumableSampler, collate
     from sslam_fast.models import PretrainingModel
-    from sslam_fast.ops import inverse_block_mask, sample_mix_windows
+    from sslam_fast.ops import sample_mix_windows
 
+    _check_tensorboard(cfg)
     rank, world, local_rank = _dist_env()
     use_cuda = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
@@ -195,7 +269,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         run_dir.mkdir(parents=True, exist_ok=True)
     dataset, default_set = _build_data(cfg, rank, world)
     sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         collate_fn=WorkerFeatures(cfg) if cfg.features_in_workers else collate,
                                          num_workers=cfg.num_workers, pin_memory=use_cuda,
                                          generator=torch.Generator())  # not the global RNG: exact resume
 
@@ -212,7 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     scheduler = build_scheduler(optimizer, cfg)
 
     step, epoch, done = 0, 0, 0
-    counters = {"skipped_steps": 0, "bad_files": 0, "clips": 0}
+    counters = {"skipped_steps": 0, "bad_files": 0, "good_files": 0, "clips": 0}
     ckpt = find_latest_checkpoint(run_dir)
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
@@ -229,6 +304,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                                                         find_unused_parameters=False)
     autocast = use_cuda and cfg.precision in ("auto", "bf16")
     monitor = BadFileMonitor(cfg.max_bad_file_share)
+    monitor.n_ok, monitor.n_bad = counters["good_files"], counters["bad_files"]  # a resumed run keeps its counts
+    forward = torch.compile(ddp) if cfg.compile else ddp
+    board = _TensorBoard(cfg, rank == 0 and cfg.tensorboard)
     metrics_path = run_dir / "metrics.jsonl"
     progress = _Progress(cfg.max_updates, step, rank == 0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,21 +335,26 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             decay = _ema_step(model, step, cfg)  # SPEC §4: EMA first, with the updates done
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(5, dtype=torch.float64)  # patch, mix_patch, cls, loss, finite flag
+            n_good, bad = 0, []
             for micro in range(cfg.grad_accum):
                 t0 = time.perf_counter()
-                batch, idx = next(it)
-                got = set(batch["indices"].tolist())
-                bad = [str(dataset.path(i)) for i in idx if i not in got]
-                counters["bad_files"] += len(bad)
-                monitor.update(len(got), len(bad), bad)
-                if batch["audio"].shape[0] == 0:
-                    raise TrainingError(f"a batch of only unreadable files: {', '.join(bad[:5])}")
-                source = _features(cfg, batch, device)
-                B = source.shape[0]
+                while True:  # a batch of only unreadable files is skipped (and counted) like any bad file
+                    batch, idx = next(it)
+                    got = set(batch["indices"].tolist())
+                    bad += [str(dataset.path(i)) for i in idx if i not in got]
+                    n_good += len(got)
+                    if got:
+                        break
+                    if len(bad) >= 20 * cfg.batch_size:
+                        raise TrainingError(f"no readable file in {len(bad)} items in a row: {', '.join(bad[:5])}")
+                B = batch["audio"].shape[0]
                 g = _step_generator(cfg.seed, step, rank, micro)
-                masks = inverse_block_mask(B, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob,
-                                           mask_length=cfg.mask_length, mask_prob_adjust=cfg.mask_prob_adjust,
-                                           generator=g, device=device)
+                if "fbank" in batch:  # features_in_workers
+                    source = batch["fbank"].to(device, non_blocking=True)
+                    masks = batch["masks"].to(device, non_blocking=True)
+                else:
+                    source = _features(cfg, batch, device)
+                    masks = _masks(cfg, B, g, device)
                 windows = None
                 if cfg.stage == "sslam":
                     windows = sample_mix_windows(g, num_frames=cfg.target_length, window_frames=cfg.mix_window_frames)
@@ -279,7 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 sync_ctx = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else _Null()
                 with sync_ctx:
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                        out = ddp(source, masks, windows)
+                        out = forward(source, masks, windows)
                     loss = out["loss"]
                     t2 = _sync_time(use_cuda)
                     (loss / cfg.grad_accum).backward()
@@ -294,9 +377,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 acc["clips"] += B
                 clips_run += B
             t4 = time.perf_counter()
-            flags = torch.tensor([sums[4].item(), 1.0 if stop.requested else 0.0])
+            flags = torch.tensor([sums[4].item(), 1.0 if stop.requested else 0.0, float(n_good), float(len(bad))],
+                                 dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(flags)
+            # bad files count over all ranks (every rank sees the same totals, so all stop together)
+            counters["good_files"] += int(flags[2])
+            counters["bad_files"] += int(flags[3])
+            monitor.update(int(flags[2]), int(flags[3]), bad)
             if flags[0] > 0:  # a non-finite loss on some rank: skip the update everywhere
                 optimizer.zero_grad(set_to_none=True)
                 counters["skipped_steps"] += 1
@@ -323,6 +411,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     if rank == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
+                        board.write(rec)
                     acc = _new_acc()
                 rate = clips_run / max(time.perf_counter() - t_run, 1e-9)
                 progress.update(step, {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}", "clips/s": f"{rate:.1f}"}, log)
@@ -332,6 +421,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 break
         stopped_early = step < cfg.max_updates
     progress.close()
+    board.close()
     counters["clips"] += clips_run
     _save(run_dir, cfg, model, optimizer, scheduler, step, (epoch, done), counters, rank, world)
     elapsed = time.perf_counter() - t_run
