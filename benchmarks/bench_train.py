@@ -398,7 +398,8 @@ def stage_table(r: StageResult) -> str:
             lines.append("| " + " | ".join([v.label, v.note] + ["-"] * (len(head) - 2)) + " |")
             continue
         rate = s.batch / t
-        cells = [v.label, f"{1e3 * t:.1f}", f"{rate:.4g}", f"{t_ref / t:.2f}x" if t_ref else "-",
+        rate_s = f"{rate:.2f}" if rate >= 1 else f"{rate:.3g}"  # base on a CPU runs at a few hundredths
+        cells = [v.label, f"{1e3 * t:.1f}", rate_s, f"{t_ref / t:.2f}x" if t_ref else "-",
                  "-" if v.peak is None else f"{v.peak / 2**20:.1f}",
                  "-" if v.peak is None else f"{v.peak / 2**20 / s.batch:.2f}",
                  "-" if v.first_loss is None else f"{v.first_loss:.4f}"]
