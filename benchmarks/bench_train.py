@@ -125,7 +125,7 @@ def make_audio(s: Setup) -> torch.Tensor:
     t = torch.arange(s.samples, dtype=torch.float32) / 16000
     freqs = 100 + 3900 * torch.rand(s.batch, 3, 1, generator=g)
     x = 0.1 * torch.sin(2 * math.pi * freqs * t).sum(1) + 0.05 * torch.randn(s.batch, s.samples, generator=g)
-    return (x * 32767).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
+    return (x * 32768).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
 
 
 def plain_features(audio: torch.Tensor, target_length: int) -> torch.Tensor:

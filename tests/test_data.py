@@ -205,12 +205,20 @@ def test_dataset_int16_scaling(audio_dir):
     for i in range(len(f)):
         a, b = f[i], q[i]
         assert b["audio"].dtype == torch.int16 and b["length"] == a["length"]
-        expected = (a["audio"] * 32767).round().clamp(-32768, 32767).to(torch.int16)
+        expected = (a["audio"] * 32768).round().clamp(-32768, 32767).to(torch.int16)
         assert torch.equal(b["audio"], expected)
         assert b["audio"].abs().max() > 8000  # a 0.5-amplitude tone
     loud = _write(audio_dir.parent / "loud" / "x.wav", np.full(1000, 0.99999, np.float32), SR)
     out = AudioClipDataset(loud, 1000)[0]["audio"]
     assert out.min() >= 32700 and out.max() <= 32767  # near full scale, no int16 wrap-around
+
+
+def test_dataset_int16_is_exact_for_16_bit_files(tmp_path):
+    """A PCM_16 file's samples come back unchanged (soundfile reads k / 32768; the dataset multiplies by 32768)."""
+    pcm = np.array([0, 1, -1, 16385, -16385, 32767, -32768, 12345, -30000] * 200, dtype=np.int16)
+    soundfile.write(str(tmp_path / "pcm.wav"), pcm, SR, subtype="PCM_16")
+    item = AudioClipDataset(tmp_path, len(pcm), random_crop=False)[0]
+    assert item["audio"].dtype == torch.int16 and torch.equal(item["audio"], torch.from_numpy(pcm))
 
 
 def test_dataset_crop_reproducible(tmp_path):

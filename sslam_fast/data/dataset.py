@@ -63,7 +63,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, list[tuple[str, int]]]
 class AudioClipDataset(torch.utils.data.Dataset):
     """Fixed-length clips from a manifest (``.tsv``), a folder of audio files (``list_audio``) or one audio file.
 
-    ``ds[i]`` -> ``{"audio": (clip_samples,) int16 (x32767, clamped) or float32, "length": valid samples, "index": i}``
+    ``ds[i]`` -> ``{"audio": (clip_samples,) int16 (x32768, clamped) or float32, "length": valid samples, "index": i}``
     or ``None`` for a bad file (cannot be decoded, no samples, or fewer than 400 samples after resampling), recorded
     in ``bad_files`` as ``(path, reason)``; it never raises for a bad file. Longer clips are cropped at a random start
     drawn from ``numpy.random.default_rng([seed, epoch, i])`` (reproducible and resumable; ``random_crop=False`` keeps
@@ -134,7 +134,8 @@ class AudioClipDataset(torch.utils.data.Dataset):
         else:
             wav, length = torch.nn.functional.pad(wav, (0, c - n)), n
         if self.as_int16:
-            wav = (wav * 32767.0).round().clamp_(-32768, 32767).to(torch.int16)
+            # x32768: the inverse of soundfile's float read, so a 16-bit file's samples come back exactly
+            wav = (wav * 32768.0).round().clamp_(-32768, 32767).to(torch.int16)
         return {"audio": wav.contiguous(), "length": length, "index": int(i)}
 
 

@@ -171,10 +171,9 @@ def _features(cfg, batch, device):
     """(B, 1, T, 128) normalised log-mels of a collated batch, computed on ``device`` (int16 scaled to [-1, 1])."""
     from sslam_fast.ops import eat_features
 
-    audio = batch["audio"].to(device, non_blocking=True)
-    wav = audio.float() / 32767.0 if audio.dtype == torch.int16 else audio.float()
+    audio = batch["audio"].to(device, non_blocking=True)  # int16 PCM is scaled by 1 / 32768 inside eat_features
     lengths = batch["lengths"].to(device)
-    return eat_features(wav, lengths, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
+    return eat_features(audio, lengths, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
                         norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
 
 
