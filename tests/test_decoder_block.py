@@ -1,9 +1,15 @@
 """CNN decoder block (SPEC §2.2): decoder_block and the fused ln_gelu_residual op, forward and every gradient.
 
-Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py).
+Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py). The C++ kernel
+(csrc/decoder.cpp) runs on CPU tensors: the shared tests give it CPU tensors even when there is a GPU.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -17,7 +23,13 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
-BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+CPP_OK = _backend.extension_has("ln_gelu_residual_cpu") and _backend.extension_has("ln_gelu_residual_backward_cpu")
+needs_cpp = pytest.mark.skipif(not CPP_OK, reason="sslam_fast._C was built without the ln_gelu_residual C++ kernels")
+BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
+
+
+def _dev(backend):
+    return "cpu" if backend == "cpp" else DEV
 FORMATS = {"cf": torch.contiguous_format, "cl": torch.channels_last}
 
 
@@ -80,8 +92,9 @@ def _case_id(c):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_block_forward_and_grads_fp32(backend, case, fmt):
     R, C, H, W, G = case
-    z, w, b = _block_inputs(R, C, H, W, G, fmt=FORMATS[fmt])
-    go = torch.randn(R, C, H, W, device=DEV)
+    dev = _dev(backend)
+    z, w, b = _block_inputs(R, C, H, W, G, fmt=FORMATS[fmt], device=dev)
+    go = torch.randn(R, C, H, W, device=dev)
     out = decoder_block(z, w, b, G, backend=backend)
     grads = torch.autograd.grad(out, (z, w, b), go)
     want = _upstream_block(z, w, b, G)
@@ -111,10 +124,10 @@ OP_CASES = [(2, 32, 8, 4), (1, 1, 1, 1), (3, 7, 5, 3), (1, 130, 2, 3)]
 def test_ln_gelu_residual_against_fp64(backend, case, dtype, fmt):
     R, C, H, W = case
     g = torch.Generator().manual_seed(1)
-    mf = FORMATS[fmt]
-    y = (torch.randn(R, C, H, W, generator=g) * 3 + 1).to(DEV, dtype).contiguous(memory_format=mf).requires_grad_()
-    z = torch.randn(R, C, H, W, generator=g).to(DEV, dtype).contiguous(memory_format=mf).requires_grad_()
-    go = torch.randn(R, C, H, W, generator=g).to(DEV, dtype)
+    mf, dev = FORMATS[fmt], _dev(backend)
+    y = (torch.randn(R, C, H, W, generator=g) * 3 + 1).to(dev, dtype).contiguous(memory_format=mf).requires_grad_()
+    z = torch.randn(R, C, H, W, generator=g).to(dev, dtype).contiguous(memory_format=mf).requires_grad_()
+    go = torch.randn(R, C, H, W, generator=g).to(dev, dtype)
     out = ln_gelu_residual(y, z, backend=backend)
     gy, gz = torch.autograd.grad(out, (y, z), go)
     assert out.dtype == dtype and gy.dtype == dtype
@@ -161,10 +174,10 @@ def test_triton_matches_reference_exactly_enough_and_deterministic():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_grad_input_at_a_time(backend):
-    z, w, _ = _block_inputs(1, 8, 4, 3, 2)
+    z, w, _ = _block_inputs(1, 8, 4, 3, 2, device=_dev(backend))
     out = decoder_block(z, w.detach(), None, 2, backend=backend)  # no bias, weight frozen
     (gz,) = torch.autograd.grad(out.sum(), (z,))
-    want = _upstream_block(z, w.detach(), torch.zeros(8, device=DEV), 2)
+    want = _upstream_block(z, w.detach(), torch.zeros(8, device=z.device), 2)
     torch.testing.assert_close(gz, torch.autograd.grad(want.sum(), (z,))[0], rtol=1e-5, atol=1e-5)
 
 
@@ -207,11 +220,11 @@ def test_bad_input():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, fmt):
     g = torch.Generator().manual_seed(4)
-    mf = FORMATS[fmt]
-    y = torch.randn(2, 12, 3, 5, generator=g).to(DEV).contiguous(memory_format=mf).requires_grad_()
-    z = torch.randn(2, 12, 3, 5, generator=g).to(DEV).requires_grad_()
+    mf, dev = FORMATS[fmt], _dev(backend)
+    y = torch.randn(2, 12, 3, 5, generator=g).to(dev).contiguous(memory_format=mf).requires_grad_()
+    z = torch.randn(2, 12, 3, 5, generator=g).to(dev).requires_grad_()
     torch.library.opcheck(torch.ops.sslam_fast.ln_gelu_residual.default, (y, z, backend))
-    go = torch.randn(2, 12, 3, 5, generator=g).to(DEV)
+    go = torch.randn(2, 12, 3, 5, generator=g).to(dev)
     torch.library.opcheck(
         torch.ops.sslam_fast.ln_gelu_residual_backward.default,
         (go, y.detach(), backend),
@@ -233,6 +246,182 @@ def test_compile_fullgraph_with_backward():
     torch.testing.assert_close(got, want)
     for g, wg in zip(grads, torch.autograd.grad(want, (z, w, b))):
         torch.testing.assert_close(g, wg)
+
+
+# --- the C++ CPU kernel ----------------------------------------------------------------------------------------------
+
+# (R, C, H, W): the tiny model's decoder (C 64 on the 16 x 8 grid), C = 1, H*W = 1, C not a multiple of the SIMD width,
+# H*W = 99 (one full NCHW tile of 64 positions and a partial one), and one large enough for two parallel chunks.
+CPP_CASES = [(2, 64, 16, 8), (2, 1, 3, 5), (3, 37, 1, 1), (2, 13, 5, 7), (1, 200, 9, 11), (8, 72, 16, 8)]
+
+
+def _cpp_inputs(case, fmt, seed=5, offset=0.0, dtype=torch.float32):
+    R, C, H, W = case
+    g = torch.Generator().manual_seed(seed)
+    mf = FORMATS[fmt]
+    y = (torch.randn(R, C, H, W, generator=g) + offset).to(dtype).contiguous(memory_format=mf)
+    z = torch.randn(R, C, H, W, generator=g).to(dtype).contiguous(memory_format=mf)
+    go = torch.randn(R, C, H, W, generator=g).to(dtype).contiguous(memory_format=mf)
+    return y, z, go
+
+
+def _fwd_bwd(y, z, go, backend):
+    y, z = y.detach().requires_grad_(), z.detach().requires_grad_()
+    out = ln_gelu_residual(y, z, backend=backend)
+    gy, gz = torch.autograd.grad(out, (y, z), go)
+    return out, gy, gz
+
+
+@needs_cpp
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=list(FORMATS))
+@pytest.mark.parametrize("case", CPP_CASES, ids=lambda c: "R{}-C{}-H{}-W{}".format(*c))
+def test_cpp_matches_reference(case, fmt):
+    y, z, go = _cpp_inputs(case, fmt)
+    out, gy, gz = _fwd_bwd(y, z, go, "cpp")
+    want, want_gy, _ = _fwd_bwd(y, z, go, "reference")
+    mf = FORMATS[fmt]
+    assert out.is_contiguous(memory_format=mf) and gy.is_contiguous(memory_format=mf)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gy, want_gy, rtol=0, atol=1e-5)
+    assert torch.equal(gz, go)
+
+
+@needs_cpp
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=list(FORMATS))
+def test_cpp_large_mean(fmt):
+    # y = 1e3 + N(0, 1): E[y^2] - E[y]^2 in float32 loses the variance entirely (ulp(1e6) = 0.06), and a mean rounded
+    # to float32 near 1e3 is off by up to 3e-5; the kernel is compared with the fp64 oracle on the same fp32 inputs.
+    y, z, go = _cpp_inputs((2, 96, 8, 4), fmt, offset=1e3)
+    out, gy, _ = _fwd_bwd(y, z, go, "cpp")
+    y64, _, o64 = _oracle(y, z)
+    (gy64,) = torch.autograd.grad(o64, (y64,), go.double())
+    torch.testing.assert_close(out.double(), o64, rtol=0, atol=2e-6)
+    torch.testing.assert_close(gy.double(), gy64, rtol=0, atol=5e-6 * max(1.0, gy64.abs().max().item()))
+
+
+@needs_cpp
+def test_cpp_bf16_rounds_the_fp32_result_once():
+    y, z, go = _cpp_inputs((2, 40, 6, 5), "cl", dtype=torch.bfloat16)
+    out, gy, _ = _fwd_bwd(y, z, go, "cpp")
+    want, want_gy, _ = _fwd_bwd(y, z, go, "reference")  # fp32 math, one rounding to bf16
+    assert out.dtype == gy.dtype == torch.bfloat16
+    for got, ref_ in ((out, want), (gy, want_gy)):
+        # both round nearly equal fp32 values: at most one bf16 step apart (a step is <= 2^-7 of the value)
+        assert ((got.float() - ref_.float()).abs() <= 2.0**-7 * ref_.float().abs() + 1e-6).all()
+        assert (got != ref_).float().mean() < 0.01  # and mostly identical
+
+
+@needs_cpp
+def test_cpp_mixed_and_other_layouts():
+    g = torch.Generator().manual_seed(6)
+    R, C, H, W = 2, 24, 6, 5
+    cl = torch.channels_last
+    dense_other = torch.randn(R, H, C, W, generator=g).permute(0, 2, 1, 3)  # dense, neither NCHW nor channels-last
+    strided = torch.randn(R, 2 * C, H, W, generator=g)[:, ::2]  # not dense
+    ys = [torch.randn(R, C, H, W, generator=g).contiguous(memory_format=cl), dense_other, strided]
+    others = [torch.randn(R, C, H, W, generator=g), torch.randn(R, C, H, W, generator=g).contiguous(memory_format=cl)]
+    for y in ys:
+        for z in others:
+            out = torch.ops.sslam_fast.ln_gelu_residual_cpu(y, z)
+            gy = torch.ops.sslam_fast.ln_gelu_residual_backward_cpu(z, y)  # z doubles as grad_out
+            assert out.stride() == gy.stride() == torch.empty_like(y).stride()
+            torch.testing.assert_close(out, ref.ln_gelu_residual(y, z), rtol=0, atol=1e-5)
+            torch.testing.assert_close(gy, ref.ln_gelu_residual_backward(z, y), rtol=0, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=list(FORMATS))
+def test_cpp_non_finite_stays_in_its_position(fmt):
+    y, z, go = _cpp_inputs((2, 20, 4, 70), fmt)
+    y[1, 3, 2, 65] = float("nan")
+    out = torch.ops.sslam_fast.ln_gelu_residual_cpu(y, z)
+    gy = torch.ops.sslam_fast.ln_gelu_residual_backward_cpu(go, y)
+    for t in (out, gy):
+        assert t[1, :, 2, 65].isnan().all()
+        t[1, :, 2, 65] = 0.0
+        assert t.isfinite().all()
+
+
+@needs_cpp
+def test_cpp_same_bits_for_any_thread_count():
+    y, z, go = _cpp_inputs((8, 72, 16, 8), "cl")  # 73728 elements: two parallel chunks
+    f, b = torch.ops.sslam_fast.ln_gelu_residual_cpu, torch.ops.sslam_fast.ln_gelu_residual_backward_cpu
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (f(y, z), b(go, y))
+        torch.set_num_threads(2)
+        two = (f(y, z), b(go, y))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_cpp
+def test_auto_prefers_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.resolve("ln_gelu_residual", "auto", "cpu") == "cpp"
+    assert _backend.resolve("ln_gelu_residual_backward", "auto", "cpu") == "cpp"
+    calls = []
+    for name in ("ln_gelu_residual", "ln_gelu_residual_backward"):
+        fn = _backend.kernel(name, "cpp")
+        counted = lambda *a, fn=fn, n=name: calls.append(n) or fn(*a)  # noqa: E731
+        monkeypatch.setitem(_backend._REGISTRY[name].kernels, "cpp", counted)
+    z, w, b = _block_inputs(2, 16, 4, 3, 4, device="cpu")
+    decoder_block(z, w, b, 4).sum().backward()  # fp32 on CPU, backend auto
+    assert calls == ["ln_gelu_residual", "ln_gelu_residual_backward"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=list(FORMATS))
+def test_cpp_ops_opcheck(fmt):
+    y, z, go = _cpp_inputs((2, 12, 3, 5), fmt, seed=7)
+    torch.library.opcheck(torch.ops.sslam_fast.ln_gelu_residual_cpu.default, (y, z))
+    torch.library.opcheck(torch.ops.sslam_fast.ln_gelu_residual_backward_cpu.default, (go, y))
+
+
+@needs_cpp
+def test_cpp_ops_bad_input():
+    y = torch.randn(2, 8, 3, 4)
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        torch.ops.sslam_fast.ln_gelu_residual_cpu(y, y[:1])
+    with pytest.raises(RuntimeError, match="z must have dtype"):
+        torch.ops.sslam_fast.ln_gelu_residual_cpu(y, y.half())
+    with pytest.raises(RuntimeError, match="y must be float32, float16 or bfloat16"):
+        torch.ops.sslam_fast.ln_gelu_residual_cpu(y.double(), y.double())
+    with pytest.raises(RuntimeError, match="grad_out must be 4-D"):
+        torch.ops.sslam_fast.ln_gelu_residual_backward_cpu(y[0], y)
+
+
+@needs_cpp
+def test_cpp_narrower_simd_paths():
+    """The AVX2 and baseline kernels (SSLAM_FAST_CPU_ISA, read once per process) give the values of the default one."""
+    code = (
+        "import sys, torch\n"
+        "torch.ops.load_library(sys.argv[3])\n"  # the extension alone: the package's imports cost seconds
+        "y, z = torch.load(sys.argv[1])\n"
+        "f, b = torch.ops.sslam_fast.ln_gelu_residual_cpu, torch.ops.sslam_fast.ln_gelu_residual_backward_cpu\n"
+        "yc = y.contiguous(memory_format=torch.channels_last)\n"
+        "torch.save([f(y, z), b(z, y), f(yc, z), b(z, yc)], sys.argv[2])\n"
+    )
+    y, z, _ = _cpp_inputs((2, 37, 9, 11), "cf")
+    f, b = torch.ops.sslam_fast.ln_gelu_residual_cpu, torch.ops.sslam_fast.ln_gelu_residual_backward_cpu
+    yc = y.contiguous(memory_format=torch.channels_last)
+    want = [f(y, z), b(z, y), f(yc, z), b(z, yc)]
+    from sslam_fast import _C
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "in.pt")
+        torch.save([y, z], src)
+        runs = {}
+        for isa in ("avx2", "baseline"):  # both at once: each process pays torch's import
+            env = dict(os.environ, SSLAM_FAST_CPU_ISA=isa)
+            dst = os.path.join(d, f"{isa}.pt")
+            runs[isa] = (subprocess.Popen([sys.executable, "-c", code, src, dst, _C.__file__], env=env), dst)
+        for isa, (proc, dst) in runs.items():
+            assert proc.wait(timeout=120) == 0, isa
+            for got, w in zip(torch.load(dst), want):
+                torch.testing.assert_close(got, w, rtol=0, atol=1e-6, msg=isa)
 
 
 # --- compiled (non-interpreted) Triton -----------------------------------------------------------------------------

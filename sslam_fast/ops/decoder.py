@@ -10,7 +10,12 @@ Upstream runs this tail as five kernels (two transposes, LayerNorm, GELU, add).
 On CUDA the block runs channels-last: z is converted (a no-op when the caller already holds the (R, H*W, C) token
 tensor viewed as (R, C, H, W)), cuDNN keeps the format, and the fused kernel then normalises contiguous rows.
 
-Backends: ``reference`` (plain PyTorch, any device) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+On CPU the model's fast decoder path hands the block a channels-last view too (the token tensor); the CPU conv keeps
+that format, and the C++ kernel normalises contiguous rows of C values. Contiguous NCHW input is handled without a
+copy as well (the channel reduction then runs with the positions as vector lanes).
+
+Backends: ``reference`` (plain PyTorch, any device), ``cpp`` (``sslam_fast._C``, CPU: csrc/decoder.cpp, fp32 / fp16 /
+bf16, the auto choice on CPU) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ def _bwd_triton(grad_out, y):
     return ln_gelu_residual_bwd_triton(grad_out, y, ref.NORM_EPS)
 
 
+def _fwd_cpp(y, z):
+    return torch.ops.sslam_fast.ln_gelu_residual_cpu(y, z)
+
+
+def _bwd_cpp(grad_out, y):
+    return torch.ops.sslam_fast.ln_gelu_residual_backward_cpu(grad_out, y)
+
+
 def _fwd_reference(y, z):
     # Same strides as the Triton launcher and the fake kernel (empty_like(y)): opcheck compares them.
     return torch.empty_like(y).copy_(ref.ln_gelu_residual(y, z))
@@ -51,11 +64,29 @@ def _bwd_reference(grad_out, y):
 
 
 _backend.register_op(
-    _backend.OpBackends("ln_gelu_residual", kernels={"reference": _fwd_reference, "triton": _fwd_triton})
+    _backend.OpBackends(
+        "ln_gelu_residual",
+        kernels={"reference": _fwd_reference, "cpp": _fwd_cpp, "triton": _fwd_triton},
+        checks={"cpp": lambda d: _backend.extension_has("ln_gelu_residual_cpu")},
+    )
 )
 _backend.register_op(
-    _backend.OpBackends("ln_gelu_residual_backward", kernels={"reference": _bwd_reference, "triton": _bwd_triton})
+    _backend.OpBackends(
+        "ln_gelu_residual_backward",
+        kernels={"reference": _bwd_reference, "cpp": _bwd_cpp, "triton": _bwd_triton},
+        checks={"cpp": lambda d: _backend.extension_has("ln_gelu_residual_backward_cpu")},
+    )
 )
+
+if _backend.extension_has("ln_gelu_residual_cpu"):  # so that opcheck / FakeTensor can trace the C++ ops themselves
+
+    @torch.library.register_fake("sslam_fast::ln_gelu_residual_cpu")
+    def _(y, z):
+        return torch.empty_like(y)
+
+    @torch.library.register_fake("sslam_fast::ln_gelu_residual_backward_cpu")
+    def _(grad_out, y):
+        return torch.empty_like(y)
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------------
@@ -106,7 +137,7 @@ def ln_gelu_residual(y: torch.Tensor, z: torch.Tensor, *, backend: str = "auto")
     Args:
         y: (R, C, H, W) float32 / float16 / bfloat16, the conv output; any memory format (channels-last is fastest).
         z: same shape, dtype and device: the block input (residual).
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "cpp" | "triton".
 
     Returns:
         (R, C, H, W) in y's dtype and memory format. The LayerNorm (over C at each position, biased variance,
@@ -139,7 +170,7 @@ def decoder_block(
         conv_weight: (C, C // groups, k, k) with k odd (3 upstream), z's dtype and device.
         conv_bias: (C,) or None, z's dtype and device.
         groups: the conv groups (16 upstream); must divide C.
-        backend: "auto" | "reference" | "triton" for the fused LayerNorm + GELU + residual.
+        backend: "auto" | "reference" | "cpp" | "triton" for the fused LayerNorm + GELU + residual.
 
     Returns:
         (R, C, H, W) in z's dtype: ``conv2d(z, w, b, padding=k // 2, groups)`` (ATen), then ``ln_gelu_residual``.
