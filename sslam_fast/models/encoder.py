@@ -7,7 +7,8 @@ Parameter names follow the naming contract (``patch_embed``, ``pos_embed``, ``cl
 ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``).
 
 Every forward takes ``fast``: True runs attention through ``sslam_fast.ops.attention`` (backend auto: SDPA / flash /
-Triton); False is upstream's materialised ``softmax_fp32(q k^T) v``.
+Triton) and the MLP through ``sslam_fast.ops.gelu_mlp`` (GELU recomputed in the backward, not stored); False is
+upstream's materialised ``softmax_fp32(q k^T) v`` and the plain ``fc2(gelu(fc1(x)))``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:  # same numbers, GELU recomputed in the backward instead of stored
+            from sslam_fast.ops.mlp import gelu_mlp
+
+            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -94,7 +99,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(x, fast)
         r = x = self.norm1(x)
-        x = self.mlp(x)
+        x = self.mlp(x, fast)
         t = x  # ffn_targets=True: the layer target is the FFN output before the residual and LN2
         x = self.norm2(r + x)
         return x, t

@@ -13,6 +13,7 @@ from sslam_fast.ops.fbank import eat_features, kaldi_fbank
 from sslam_fast.ops.loss import masked_mse
 from sslam_fast.ops.masks import inverse_block_mask, mask_indices
 from sslam_fast.ops.mix import mix_waveforms, partial_max_mix, sample_mix_windows
+from sslam_fast.ops.mlp import gelu_mlp
 from sslam_fast.ops.routing import clone_gather, decoder_scatter
 from sslam_fast.ops.targets import layer_targets
 
@@ -22,6 +23,7 @@ __all__ = [
     "decoder_block",
     "decoder_scatter",
     "eat_features",
+    "gelu_mlp",
     "ema_decay",
     "ema_update_",
     "inverse_block_mask",

@@ -143,6 +143,14 @@ def decoder_block(z: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.T
     return F.gelu(x) + z
 
 
+# --- transformer MLP --------------------------------------------------------------------------------------------------
+
+
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2) -> torch.Tensor:
+    """timm ``Mlp`` as upstream's blocks use it: ``fc2(GELU(fc1(x)))``, exact-erf GELU (differentiable)."""
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
 # --- patch loss -------------------------------------------------------------------------------------------------------
 
 
