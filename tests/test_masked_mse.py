@@ -1,6 +1,7 @@
 """Masked patch loss (SPEC §4, §5.4): masked_mse, forward and gradients of every backend against the reference.
 
-Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py).
+Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py). The C++ kernel
+(csrc/loss.cpp) runs on CPU tensors: the shared tests give it CPU tensors even when there is a GPU.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
-BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+CPP_OK = _backend.extension_has("masked_mse_cpu") and _backend.extension_has("masked_mse_backward_cpu")
+needs_cpp = pytest.mark.skipif(not CPP_OK, reason="sslam_fast._C was built without the masked_mse C++ kernels")
+BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _dev(backend):
+    return "cpu" if backend == "cpp" else DEV
 
 
 def _inputs(R, N, D, clones, pdtype=torch.float32, tdtype=torch.float32, p_mask=0.8, seed=0, device=DEV):
@@ -57,7 +64,7 @@ def _case_id(c):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_forward_and_grads(backend, case):
     R, N, D, K = case
-    pred, target, mask = _inputs(R, N, D, K)
+    pred, target, mask = _inputs(R, N, D, K, device=_dev(backend))
     mask[0, 0] = True  # at least one masked token
     loss = masked_mse(pred, target, mask, backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -77,7 +84,7 @@ def test_low_precision_pred(backend, pdtype):
     if backend == "triton" and pdtype == "bf16" and not HAS_CUDA:
         pytest.skip("bf16 rounding of the gradient is wrong in the Triton interpreter")
     # the realistic mix: low-precision decoder output, fp32 teacher target
-    pred, target, mask = _inputs(6, 23, 40, 2, pdtype=DTYPES[pdtype])
+    pred, target, mask = _inputs(6, 23, 40, 2, pdtype=DTYPES[pdtype], device=_dev(backend))
     target.requires_grad_(False)
     loss = masked_mse(pred, target, mask, backend=backend)
     (gp,) = torch.autograd.grad(loss, (pred,))
@@ -95,17 +102,18 @@ def test_low_precision_pred(backend, pdtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_extremes_and_nan(backend):
-    pred, target, _ = _inputs(4, 9, 16, 2)
-    none = torch.zeros(4, 9, dtype=torch.bool, device=DEV)
+    dev = _dev(backend)
+    pred, target, _ = _inputs(4, 9, 16, 2, device=dev)
+    none = torch.zeros(4, 9, dtype=torch.bool, device=dev)
     loss = masked_mse(pred, target, none, backend=backend)
     assert loss.item() == 0.0
     gp, gt = torch.autograd.grad(loss, (pred, target))
     assert not gp.any() and not gt.any()
-    full = torch.ones(4, 9, dtype=torch.bool, device=DEV)
+    full = torch.ones(4, 9, dtype=torch.bool, device=dev)
     want = ((pred.detach() - target.detach().repeat_interleave(2, 0)) ** 2).sum() / 4.0
     torch.testing.assert_close(masked_mse(pred, target, full, backend=backend), want, rtol=2e-6, atol=0)
     # a NaN at an unmasked token is never read; at a masked token it reaches the loss (for the fp16 loss scaler)
-    mask = torch.rand(4, 9, device=DEV) < 0.5
+    mask = torch.rand(4, 9, device=dev) < 0.5
     mask[1, 2], mask[3, 4] = False, True
     p = pred.detach().clone()
     p[1, 2, 5] = float("nan")
@@ -122,7 +130,7 @@ def test_mask_extremes_and_nan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     # the mixed half of the decoder output is a row slice; a non-unit channel stride is copied first
-    pred, target, mask = _inputs(8, 11, 20, 2)
+    pred, target, mask = _inputs(8, 11, 20, 2, device=_dev(backend))
     half = pred[4:]
     want = _upstream(half, target[2:], mask[4:], 2)
     torch.testing.assert_close(masked_mse(half, target[2:], mask[4:], backend=backend), want, rtol=2e-6, atol=0)
@@ -168,8 +176,8 @@ def test_bad_input():
         masked_mse(pred, target.to("meta"), mask)
     with pytest.raises(ValueError, match="backend"):
         masked_mse(pred, target, mask, backend="x")
-    with pytest.raises(RuntimeError, match="cpp"):
-        masked_mse(pred, target, mask, backend="cpp")
+    with pytest.raises(RuntimeError, match="cuda"):  # no CUDA-C++ kernel for this op, on any device
+        masked_mse(pred, target, mask, backend="cuda")
 
 
 # --- custom-op plumbing -----------------------------------------------------------------------------------------------
@@ -177,13 +185,91 @@ def test_bad_input():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    pred, target, mask = _inputs(6, 9, 12, 3, pdtype=torch.float32)
+    dev = _dev(backend)
+    pred, target, mask = _inputs(6, 9, 12, 3, pdtype=torch.float32, device=dev)
     torch.library.opcheck(torch.ops.sslam_fast.masked_mse.default, (pred, target, mask, 3, backend))
     torch.library.opcheck(
         torch.ops.sslam_fast.masked_mse_backward.default,
-        (torch.tensor(1.5, device=DEV), pred.detach(), target.detach(), mask, 3, backend),
+        (torch.tensor(1.5, device=dev), pred.detach(), target.detach(), mask, 3, backend),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+
+
+# --- the C++ CPU kernel ----------------------------------------------------------------------------------------------
+
+
+@needs_cpp
+@pytest.mark.parametrize("tdtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("pdtype", ["fp32", "fp16", "bf16"])
+def test_cpp_matches_reference_all_dtypes(pdtype, tdtype):
+    # 16 x 64 x 107 elements: two parallel chunks; D = 107 = 6 * 16 + 8 + 3 takes every step of the channel loop
+    pred, target, mask = _inputs(16, 64, 107, 4, pdtype=DTYPES[pdtype], tdtype=DTYPES[tdtype], seed=3, device="cpu")
+    loss = masked_mse(pred, target, mask, backend="cpp")
+    gp, gt = torch.autograd.grad(loss * 0.5, (pred, target))
+    want = masked_mse(pred, target, mask, backend="reference")
+    wp, wt = torch.autograd.grad(want * 0.5, (pred, target))
+    torch.testing.assert_close(loss, want, rtol=2e-6, atol=0)
+    assert gp.dtype == pred.dtype and gt.dtype == target.dtype
+    assert torch.equal(gp, wp)  # the same float32 operations, rounded once
+    torch.testing.assert_close(gt, wt, rtol=0, atol=0)
+
+
+@needs_cpp
+def test_cpp_same_bits_for_any_thread_count():
+    pred, target, mask = _inputs(16, 64, 96, 4, seed=4, device="cpu")  # two parallel chunks with two threads
+    pred, target = pred.detach(), target.detach()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.sslam_fast.masked_mse_cpu(pred, target, mask, 4)
+        torch.set_num_threads(2)
+        two = torch.ops.sslam_fast.masked_mse_cpu(pred, target, mask, 4)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one.double(), _oracle64(pred, target, mask, 4), rtol=1e-6, atol=0)
+
+
+@needs_cpp
+def test_auto_prefers_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.resolve("masked_mse", "auto", "cpu") == "cpp"
+    assert _backend.resolve("masked_mse_backward", "auto", "cpu") == "cpp"
+    calls = []
+    for name in ("masked_mse", "masked_mse_backward"):
+        fn = _backend.kernel(name, "cpp")
+        counted = lambda *a, fn=fn, n=name: calls.append(n) or fn(*a)  # noqa: E731
+        monkeypatch.setitem(_backend._REGISTRY[name].kernels, "cpp", counted)
+    pred, target, mask = _inputs(4, 9, 16, 2, device="cpu")
+    masked_mse(pred, target, mask).backward()
+    assert calls == ["masked_mse", "masked_mse_backward"]
+
+
+@needs_cpp
+def test_cpp_ops_opcheck():
+    pred, target, mask = _inputs(6, 9, 12, 3, device="cpu")
+    pred, target = pred.detach(), target.detach()
+    torch.library.opcheck(torch.ops.sslam_fast.masked_mse_cpu.default, (pred, target, mask, 3))
+    torch.library.opcheck(
+        torch.ops.sslam_fast.masked_mse_backward_cpu.default, (torch.tensor(1.5), pred, target, mask, 3)
+    )
+
+
+@needs_cpp
+def test_cpp_ops_bad_input():
+    pred, target, mask = _inputs(6, 5, 8, 2, device="cpu")
+    pred, target = pred.detach(), target.detach()
+    f = torch.ops.sslam_fast.masked_mse_cpu
+    with pytest.raises(RuntimeError, match="target must have shape"):
+        f(pred, target, mask, 3)
+    with pytest.raises(RuntimeError, match="mask must have shape"):
+        f(pred, target, mask[:, :4], 2)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        f(pred, target, mask.float(), 2)
+    with pytest.raises(RuntimeError, match="pred must be float32, float16 or bfloat16"):
+        f(pred.double(), target, mask, 2)
+    with pytest.raises(RuntimeError, match="grad must be a CPU scalar"):
+        torch.ops.sslam_fast.masked_mse_backward_cpu(torch.ones(2), pred, target, mask, 2)
 
 
 # --- compiled (non-interpreted) Triton -----------------------------------------------------------------------------

@@ -5,7 +5,8 @@ fp32, without gathering the masked tokens and without repeat-interleaving a per-
 (row r of pred is compared with target row ``r // clones``). Upstream (``d2v_loss`` on ``x[masked_b]``, then the
 criterion's sum) materialises both.
 
-Backends: ``reference`` (plain PyTorch, any device) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+Backends: ``reference`` (plain PyTorch, any device), ``cpp`` (``sslam_fast._C``, CPU: csrc/loss.cpp, the auto choice
+on CPU) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 Differentiable in pred and target (custom op ``sslam_fast::masked_mse_backward`` for the gradient).
 """
 
@@ -36,14 +37,42 @@ def _bwd_triton(grad, pred, target, mask, clones):
     return masked_mse_bwd_triton(grad, pred, target, mask, clones)
 
 
+def _fwd_cpp(pred, target, mask, clones):
+    return torch.ops.sslam_fast.masked_mse_cpu(pred, target, mask, clones)
+
+
+def _bwd_cpp(grad, pred, target, mask, clones):
+    return torch.ops.sslam_fast.masked_mse_backward_cpu(grad, pred, target, mask, clones)
+
+
 def _bwd_reference(grad, pred, target, mask, clones):
     return ref.masked_mse_backward(grad, pred, target, mask, clones).contiguous()
 
 
-_backend.register_op(_backend.OpBackends("masked_mse", kernels={"reference": ref.masked_mse, "triton": _fwd_triton}))
 _backend.register_op(
-    _backend.OpBackends("masked_mse_backward", kernels={"reference": _bwd_reference, "triton": _bwd_triton})
+    _backend.OpBackends(
+        "masked_mse",
+        kernels={"reference": ref.masked_mse, "cpp": _fwd_cpp, "triton": _fwd_triton},
+        checks={"cpp": lambda d: _backend.extension_has("masked_mse_cpu")},
+    )
 )
+_backend.register_op(
+    _backend.OpBackends(
+        "masked_mse_backward",
+        kernels={"reference": _bwd_reference, "cpp": _bwd_cpp, "triton": _bwd_triton},
+        checks={"cpp": lambda d: _backend.extension_has("masked_mse_backward_cpu")},
+    )
+)
+
+if _backend.extension_has("masked_mse_cpu"):  # so that opcheck / FakeTensor can trace the C++ ops themselves
+
+    @torch.library.register_fake("sslam_fast::masked_mse_cpu")
+    def _(pred, target, mask, clones):
+        return pred.new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("sslam_fast::masked_mse_backward_cpu")
+    def _(grad, pred, target, mask, clones):
+        return pred.new_empty(pred.shape)
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------------
@@ -119,7 +148,7 @@ def masked_mse(
             dtype of the three; usually fp32.
         mask: (R, N) bool, True = masked (the tokens that enter the loss), on pred's device.
         clones: rows of pred per target row; None infers ``R // B``. Given explicitly, R must equal B * clones.
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "cpp" | "triton".
 
     Returns:
         fp32 0-dim tensor ``sum_{r, n: mask[r, n]} sum_d (pred[r, n, d] - target[r // clones, n, d])^2 / sqrt(D)``,
