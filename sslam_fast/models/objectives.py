@@ -90,14 +90,14 @@ def losses_fast(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
         x = partial_max_mix(source, windows, window_frames=cfg.mix_window_frames, concat=True)
         mask_all = torch.cat([masks, masks])
     S = mask_all.sum()
-    pred, cls_out = _student_fast(model, x, mask_all, std)
-
+    # The teachers run first: they need no gradient, so their activations come and go before the student stores its
+    # own for the backward (upstream runs them after the student, with the student's activations alive: a higher
+    # peak). Nothing here draws random numbers, so the order changes no value.
     ys = _teacher_layers_fast(teacher, teacher.patchify(x), top_k)  # teacher (A) on the unmasked clips
     Y = layer_targets(ys, top_k)  # (B or 2B, N, D) fp32
-    patch = masked_mse(pred, Y, mask_all, clones=K)
+    t_srl = None
     if windows is None:
         cls_target = Y.mean(1)
-        mix_patch = patch.new_zeros(())
     else:
         cls_target = layer_targets(ys, 1).mean(1)  # SSLAM: last layer only
         H, W = Y.shape[1] // cfg.grid[1], cfg.grid[1]
@@ -109,10 +109,18 @@ def losses_fast(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
         # before the CLS prepend + input LayerNorm is the same thing: the LayerNorm is per token).
         zs = _teacher_layers_fast(teacher, teacher.patchify(source)[:, token_index], top_k)
         Z = layer_targets(zs, top_k)  # instance norm over the kept tokens only
+        del zs
         Yu = Y[:B]
         Rt = Yu.clone()
         Rt[:, token_index] = Z.roll(1, dims=0)  # row i holds partner i - 1 in the mixed regions
         t_srl = (Yu + Rt) / 2
+    del ys
+
+    pred, cls_out = _student_fast(model, x, mask_all, std)
+    patch = masked_mse(pred, Y, mask_all, clones=K)
+    if t_srl is None:
+        mix_patch = patch.new_zeros(())
+    else:
         mix_patch = 2 * masked_mse(pred[B * K :], t_srl, masks, clones=K)
     cls = _cls_loss(cls_out, cls_target, K, cfg.cls_loss_weight, S)
     return _finish(patch, mix_patch, cls, S)
