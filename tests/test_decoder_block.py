@@ -480,3 +480,46 @@ def test_cuda_sslam_shapes(dtype):
         for g, bg, wg in zip(grads, base_grads, want_grads):
             assert (g.float() - wg).abs().max() <= 2 * (bg.float() - wg).abs().max() + 1e-3 * wg.abs().max()
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _stored_feature_maps(fn, args, numel):
+    """How many (R, C, H, W)-sized tensors autograd keeps for the backward of ``fn(*args)``."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(1 for n in seen.values() if n == numel)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_block_stores_only_its_input(backend):
+    """The conv output is recomputed in the backward: one feature map kept per block (upstream keeps three: the conv
+    input, the LayerNorm input and the GELU input)."""
+    R, C, H, W, G = 2, 32, 8, 4, 4
+    z, w, b = _block_inputs(R, C, H, W, G, fmt=torch.contiguous_format, device="cpu")
+    assert _stored_feature_maps(lambda *a: decoder_block(*a, G, backend=backend), (z, w, b), R * C * H * W) == 1
+    assert _stored_feature_maps(lambda *a: _upstream_block(*a, G), (z, w, b), R * C * H * W) >= 2
+
+
+def test_block_under_autocast_matches_the_unfused_block():
+    """bf16 autocast: the conv runs in bf16 (forward and its recomputation alike), the tail in fp32 as upstream's
+    block does under CUDA autocast (conv in bf16, LayerNorm in fp32); values and gradients as autograd of that."""
+    R, C, H, W, G = 2, 32, 8, 4, 4
+    z, w, b = _block_inputs(R, C, H, W, G, fmt=torch.channels_last, device="cpu")
+    go = torch.randn(R, C, H, W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = decoder_block(z, w, b, G, backend="reference")
+    bf = torch.bfloat16
+    y = F.conv2d(z.to(bf), w.to(bf), b.to(bf), padding=1, groups=G).float()
+    want = F.gelu(F.layer_norm(y.transpose(1, 3), (C,), eps=1e-5).transpose(1, 3)) + z
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out, (z, w, b), go)
+    exp = torch.autograd.grad(want, (z, w, b), go)
+    for name, g, e in zip(("z", "conv_weight", "conv_bias"), got, exp):
+        assert g.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)

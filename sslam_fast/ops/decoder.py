@@ -200,5 +200,46 @@ def decoder_block(
     chosen = _backend.resolve("ln_gelu_residual", backend, z.device)
     if z.is_cuda:
         z = z.contiguous(memory_format=torch.channels_last)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, conv_weight, conv_bias)):
+        return _DecoderBlock.apply(z, conv_weight, conv_bias, int(groups), chosen)
     y = F.conv2d(z, conv_weight, conv_bias, padding=k // 2, groups=groups)
-    return _ln_gelu_residual_op(y, z, chosen)
+    return _ln_gelu_residual_op(y.to(z.dtype), z, chosen)
+
+
+class _DecoderBlock(torch.autograd.Function):
+    """conv -> fused LayerNorm + GELU + residual, storing only the block input z for the backward.
+
+    Autograd of the two ops would keep z (for the conv's weight gradient) and the conv output y (for the LayerNorm
+    backward): two feature maps per block. This keeps z and recomputes y with the same conv kernel on the same
+    inputs (bit for bit the forward's y) when the backward reaches the block: one extra conv forward per block
+    (about a third of the block's conv work) for half of the decoder's stored activations.
+
+    Under autocast the conv runs in the autocast dtype, as ``F.conv2d`` would, and the fused tail takes its output in
+    z's dtype (upstream's LayerNorm runs in fp32 under autocast); gradients come back in each input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z, w, b, groups, backend):
+        y = F.conv2d(z, w, b, padding=w.shape[-1] // 2, groups=groups)  # autocast (any device) may pick the dtype
+        ctx.save_for_backward(z, w, b)
+        ctx.groups, ctx.backend, ctx.conv_dtype = groups, backend, y.dtype
+        return _ln_gelu_residual_op(y.to(z.dtype), z, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, w, b = ctx.saved_tensors
+        pad, cdt = w.shape[-1] // 2, ctx.conv_dtype
+        zc, wc, bc = z.to(cdt), w.to(cdt), None if b is None else b.to(cdt)  # what the forward's conv consumed
+        with torch.autocast(z.device.type, enabled=False):
+            y = F.conv2d(zc, wc, bc, padding=pad, groups=ctx.groups)  # recomputed: the forward did not keep it
+        grad_y = _ln_gelu_residual_backward_op(grad_out, y.to(z.dtype), ctx.backend)
+        del y
+        need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        gz, gw, gb = torch.ops.aten.convolution_backward(
+            grad_y.to(cdt), zc, wc, [w.shape[0]] if b is not None else None, [1, 1], [pad, pad],
+            [1, 1], False, [0, 0], ctx.groups, [need_z, need_w, need_b and b is not None],
+        )
+        grad_z = grad_out + gz.to(z.dtype) if need_z else None
+        grad_w = gw.to(w.dtype) if need_w else None
+        grad_b = gb.to(b.dtype) if need_b and b is not None else None
+        return grad_z, grad_w, grad_b, None, None
