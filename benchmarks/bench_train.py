@@ -14,8 +14,8 @@ backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight dec
   the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
   parameter by parameter (``foreach=False``, as fairseq's own AdamW); the Python EMA loop (``ema_step(fast=False)``).
 - (b) (a) with the loss function under ``torch.compile`` (default inductor).
-- (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``losses(fast=True)``, foreach clipping, fused
-  AdamW where every parameter is on CUDA (foreach otherwise), ``ema_step(fast=True)``.
+- (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``losses(fast=True)``, foreach clipping, torch's
+  fused AdamW (CUDA and CPU), ``ema_step(fast=True)``.
 - (d) (c) with the loss function under ``torch.compile``.
 
 Each variant trains its own deep copy of one initial model with its own optimizer. After the warm-up steps (which
@@ -170,8 +170,8 @@ class Variant:
         self.params = [p for g in groups for p in g["params"]]
         if not self.fast:
             kw = {"foreach": False}  # fairseq's AdamW: a Python loop over parameters
-        elif all(p.is_cuda and p.is_floating_point() for p in self.params):
-            kw = {"fused": True}
+        elif all(p.is_floating_point() for p in self.params):
+            kw = {"fused": True}  # torch's fused AdamW: CUDA and CPU
         else:
             kw = {"foreach": True}
         self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, **kw)

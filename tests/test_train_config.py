@@ -256,7 +256,7 @@ def test_build_optimizer_steps_with_decay():
     opt = build_optimizer(m, cfg)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["betas"] == cfg.betas and opt.defaults["eps"] == cfg.adam_eps
-    assert opt.defaults["foreach"] is True
+    assert opt.defaults["fused"] is True  # CPU parameters: torch's fused AdamW runs on CPU too
     # Zero gradients: Adam's update is 0, only decoupled decay moves the weight (w *= 1 - lr * wd); the bias stays.
     m.weight.grad = torch.zeros_like(m.weight)
     m.bias.grad = torch.zeros_like(m.bias)

@@ -29,13 +29,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW with ``cfg.lr``, ``cfg.betas``, ``cfg.adam_eps`` and the groups of :func:`param_groups`.
 
-    Uses the fused implementation when every trainable parameter is a floating CUDA tensor, foreach otherwise.
+    Uses torch's fused implementation (one kernel over all parameters; CUDA and CPU) when every trainable parameter
+    is a floating tensor on one device type it supports, foreach otherwise.
     The initial lr is ``cfg.lr``; :func:`build_scheduler` scales it (to 0 at step 0)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("model has no trainable parameters")
     params = [p for g in groups for p in g["params"]]
-    fused = all(p.is_cuda and p.is_floating_point() for p in params)
+    fused = all(p.is_floating_point() for p in params) and len({p.device.type for p in params}) == 1 and \
+        params[0].device.type in ("cuda", "cpu")
     kw = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, **kw)
 
