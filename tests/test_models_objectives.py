@@ -209,6 +209,23 @@ def test_fast_path_on_triton_kernels(monkeypatch):
         model.losses(source, masks, windows, mask_noise_std=0.0, fast=False)
 
 
+def test_default_fast_path_makes_no_clone_copies(monkeypatch):
+    """On the default backends (CPU: cpp / reference) the fast path never repeat-interleaves the clip batch."""
+
+    def boom(*a, **k):
+        raise AssertionError("repeat_interleave in the fast path")
+
+    model = _model("sslam")
+    cfg = model.cfg
+    source, masks = _source(2, cfg), _masks(2 * cfg.clones, cfg.num_patches, 9)
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", boom)
+    monkeypatch.setattr(torch, "repeat_interleave", boom)
+    monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
+    out = model.losses(source, masks, (16, 96), fast=True)
+    out["loss"].backward()
+    assert math.isfinite(float(out["loss"]))
+
+
 def test_fast_path_under_torch_compile():
     """The whole fast step (stage 2: every op) through torch.compile with inductor on CPU: the custom ops' fake
     kernels must describe their outputs exactly (strides included), and the numbers must not move."""

@@ -24,6 +24,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+GATHER_BACKENDS = [*BACKENDS, pytest.param("cpp", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU backend"))]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 # (B, clones, N, k, D): B = 1, clones 1 and 3, N prime / 512-like small variants, D a power of two and 48.
@@ -103,7 +104,7 @@ def test_reference_by_definition():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GATHER_BACKENDS)
 def test_clone_gather_fp32_matches_autograd_of_reference(shape, backend, nan_empty):
     B, K, N, k, D = shape
     x, ids_keep, cls, w, b, grad = _gather_inputs(B, K, N, k, D, torch.float32)
@@ -149,7 +150,7 @@ def test_clone_gather_triton_backward_deterministic_and_sparse(nan_empty):
             assert (dx[bb, n].abs().sum() > 0) == (n in kept), (bb, n)  # exact zeros where no clone kept n
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GATHER_BACKENDS)
 def test_clone_gather_cls_shapes_and_noncontiguous_x(backend):
     B, K, N, k, D = 2, 3, 17, 5, 48
     x, ids_keep, cls, w, b, grad = _gather_inputs(B, K, N, k, D, torch.float32)
@@ -274,7 +275,7 @@ def test_clone_gather_bad_input():
         (ValueError, "eps", {"eps": 0.0}),
         (TypeError, "eps", {"eps": "1e-6"}),
         (ValueError, "backend", {"backend": "fast"}),
-        (RuntimeError, "cpp", {"backend": "cpp"}),
+        (RuntimeError, "cuda", {"backend": "cuda"}),
     ]
     base = {"x": x, "ids_keep": ids, "clones": K, "cls_token": cls, "norm_weight": w, "norm_bias": b}
     for exc, match, change in cases:
@@ -320,9 +321,9 @@ def test_decoder_scatter_bad_input():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU resolution rules")
-def test_auto_on_cpu_is_reference(monkeypatch):
+def test_auto_on_cpu(monkeypatch):
     monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
-    assert _backend.resolve("clone_gather", "auto", "cpu") == "reference"
+    assert _backend.resolve("clone_gather", "auto", "cpu") == "cpp"
     assert _backend.resolve("decoder_scatter", "auto", "cpu") == "reference"
 
 
@@ -354,6 +355,20 @@ def test_opcheck(backend):
         torch.library.opcheck(ops.decoder_scatter.default, args, test_utils=OPCHECK_UTILS)
     gd = torch.randn(B * K, N, D, device=DEV)
     torch.library.opcheck(ops.decoder_scatter_backward.default, (gd, ids_restore, k, backend), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU backend")
+def test_opcheck_clone_gather_cpp():
+    B, K, N, k, D = 2, 3, 13, 4, 16
+    x, ids_keep, cls, w, b, grad = _gather_inputs(B, K, N, k, D, torch.float32)
+    cls = cls.reshape(D)
+    x, cls, w, b = (t.requires_grad_() for t in (x, cls, w, b))
+    ops = torch.ops.sslam_fast
+    torch.library.opcheck(ops.clone_gather.default, (x, ids_keep, K, cls, w, b, 1e-6, "cpp"), test_utils=OPCHECK_UTILS)
+    x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    for xb in (x.detach(), x_t):
+        bwd_args = (grad, xb, ids_keep, K, cls.detach(), w.detach(), b.detach(), 1e-6, "cpp")
+        torch.library.opcheck(ops.clone_gather_backward.default, bwd_args, test_utils=OPCHECK_UTILS)
 
 
 def test_compile_fullgraph_reference():

@@ -4,9 +4,11 @@
 its backward accumulates the clones' gradients into x's (B, N, D). ``decoder_scatter`` drops CLS, puts the visible
 tokens back at their positions and fills the masked ones with N(0, std^2) mask tokens.
 
-Backends: ``reference`` (plain PyTorch, any device) and ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). Both
-ops have a registered backward (``sslam_fast::clone_gather_backward``, ``sslam_fast::decoder_scatter_backward``), run
-by the backend that ran the forward.
+Backends: ``reference`` (plain PyTorch, any device), ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) and, for
+``clone_gather`` on CPU, ``cpp``: ATen's row gather (``index_select`` through a clip-major row index, no K-fold copy)
+and its native LayerNorm forward / backward kernels. Both ops have a registered backward
+(``sslam_fast::clone_gather_backward``, ``sslam_fast::decoder_scatter_backward``), run by the backend that ran the
+forward.
 """
 
 from __future__ import annotations
@@ -41,6 +43,40 @@ def _clone_gather_bwd_triton(*args):
     return clone_gather_bwd_triton(*args)
 
 
+def _clone_gather_sequence(x, ids_keep, clones, cls_token):
+    """(R, 1 + k, D) fp32 ``cat[cls, x[r // clones, ids_keep[r]]]``, gathered straight from x (no repeat)."""
+    R, k = ids_keep.shape
+    B, N, D = x.shape
+    rows = torch.arange(R, device=x.device).div_(clones, rounding_mode="floor").mul_(N).unsqueeze(1) + ids_keep
+    vis = x.reshape(B * N, D).index_select(0, rows.reshape(-1)).view(R, k, D).float()
+    return torch.cat([cls_token.float().reshape(1, 1, D).expand(R, 1, D), vis], dim=1), rows
+
+
+def _clone_gather_cpp(x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps):
+    seq, _ = _clone_gather_sequence(x, ids_keep, clones, cls_token)
+    D = x.shape[-1]
+    out = torch.ops.aten.native_layer_norm(seq, [D], norm_weight.float(), norm_bias.float(), eps)[0]
+    return out.to(x.dtype)
+
+
+def _clone_gather_bwd_cpp(grad, x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps):
+    B, N, D = x.shape
+    seq, rows = _clone_gather_sequence(x, ids_keep, clones, cls_token)  # recomputed: the forward keeps only x
+    w, b = norm_weight.float(), norm_bias.float()
+    _, mean, rstd = torch.ops.aten.native_layer_norm(seq, [D], w, b, eps)
+    dseq, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad.float().contiguous(), seq, [D], mean, rstd, w, b, [True, True, True]
+    )
+    dx = torch.zeros(B * N, D, dtype=torch.float32, device=x.device)
+    dx.index_add_(0, rows.reshape(-1), dseq[:, 1:].reshape(-1, D))
+    return (
+        dx.view(B, N, D).to(x.dtype),
+        dseq[:, 0].sum(0).reshape(cls_token.shape).to(cls_token.dtype),
+        dw.to(norm_weight.dtype),
+        db.to(norm_bias.dtype),
+    )
+
+
 def _decoder_scatter_reference(x, ids_restore, noise, seed, mask_noise_std):
     if noise is None:  # std == 0: exact zeros at the masked positions
         noise = x.new_zeros((x.shape[0], ids_restore.shape[1] - (x.shape[1] - 1), x.shape[2]))
@@ -60,7 +96,11 @@ def _decoder_scatter_bwd_triton(grad, ids_restore, keep):
 
 
 _backend.register_op(
-    _backend.OpBackends("clone_gather", kernels={"reference": ref.clone_gather, "triton": _clone_gather_triton})
+    _backend.OpBackends(
+        "clone_gather",
+        kernels={"reference": ref.clone_gather, "triton": _clone_gather_triton, "cpp": _clone_gather_cpp},
+        checks={"cpp": lambda d: True},  # ATen kernels: always there on CPU
+    )
 )
 _backend.register_op(
     _backend.OpBackends(
@@ -68,7 +108,11 @@ _backend.register_op(
     )
 )
 # The backward of each op runs on the backend its forward ran on (resolved once, in the public function).
-_CLONE_GATHER_BWD = {"reference": ref.clone_gather_backward, "triton": _clone_gather_bwd_triton}
+_CLONE_GATHER_BWD = {
+    "reference": ref.clone_gather_backward,
+    "triton": _clone_gather_bwd_triton,
+    "cpp": _clone_gather_bwd_cpp,
+}
 _DECODER_SCATTER_BWD = {"reference": ref.decoder_scatter_backward, "triton": _decoder_scatter_bwd_triton}
 
 
