@@ -56,7 +56,7 @@ MASK_NOISE_STD = 0.01
 KEEP_OF_512 = 102  # SSLAM: int(512 * (1 - 0.8)) visible tokens per row
 
 ALL_OPS = ("clone_gather", "decoder_scatter", "attention", "ema_update_", "layer_targets", "decoder_block",
-           "masked_mse", "partial_max_mix", "mix_waveforms", "masks")
+           "masked_mse", "gelu_mlp", "partial_max_mix", "mix_waveforms", "masks")
 
 
 @dataclass
@@ -195,6 +195,16 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
             lambda be, p, t, m: ops.masked_mse(p, t, m, clones=K, backend=be), "masked_mse",
             grad_args=(0, 1), bytes_fwd=_b(pred) + _b(target) + _b(mask),
             bytes_bwd=_b(pred) + _b(target) + _b(mask) + _b(pred) + _b(target)))
+
+    if "gelu_mlp" in names:
+        # one block's MLP on the student rows: (rows, 1 + 102 tokens, D) -> 4 D -> D
+        x = mk.randn(R, 1 + k, D)
+        w1, b1 = mk.randn(4 * D, D, scale=0.02), mk.randn(4 * D, scale=0.02)
+        w2, b2 = mk.randn(D, 4 * D, scale=0.02), mk.randn(D, scale=0.02)
+        flops = 2.0 * 2 * R * (1 + k) * D * 4 * D
+        cases.append(Case(
+            "gelu_mlp", f"R{R} L{1 + k} D{D} H{4 * D}", [x, w1, b1, w2, b2], ref_train.gelu_mlp,
+            lambda be, *a: ops.gelu_mlp(*a), None, grad_args=(0, 1, 2, 3, 4), flops_fwd=flops, flops_bwd=2 * flops))
 
     if "partial_max_mix" in names:
         clips = 12 if real else 4
