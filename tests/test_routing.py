@@ -168,7 +168,7 @@ def test_clone_gather_cls_shapes_and_noncontiguous_x(backend):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GATHER_BACKENDS)
 def test_decoder_scatter_std0_exact(shape, dtype, backend, nan_empty):
     B, K, N, k, D = shape
     R = B * K
@@ -188,17 +188,22 @@ def test_decoder_scatter_std0_exact(shape, dtype, backend, nan_empty):
     assert torch.equal(out, ref_out) and torch.equal(dx, ref_dx)  # autograd of the reference agrees too
 
 
-def test_decoder_scatter_reference_noise_is_upstreams():
+@pytest.mark.parametrize("backend", ["reference", *GATHER_BACKENDS[2:]])
+def test_decoder_scatter_noise_is_upstreams(backend):
     R, N, k, D = 6, 17, 5, 48
     _, _, ids_restore = _masks(R, N, k, seed=5)
-    x = torch.randn(R, 1 + k, D, device=DEV)
-    out = decoder_scatter(x, ids_restore, 0.01, torch.Generator(DEV).manual_seed(7), backend="reference")
+    x = torch.randn(R, 1 + k, D, device=DEV, requires_grad=True)
+    out = decoder_scatter(x, ids_restore, 0.01, torch.Generator(DEV).manual_seed(7), backend=backend)
     noise = x.new_empty(R, N - k, D).normal_(0, 0.01, generator=torch.Generator(DEV).manual_seed(7))  # upstream
     want = torch.gather(torch.cat([x[:, 1:], noise], 1), 1, ids_restore.unsqueeze(-1).expand(R, N, D))
     assert torch.equal(out, want)
+    grad = torch.randn(R, N, D, device=DEV)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    (want_dx,) = torch.autograd.grad(want, x, grad)
+    assert torch.equal(dx, want_dx)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GATHER_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_decoder_scatter_noise_distribution(backend, dtype):
     R, N, k, D = 8, 40, 9, 48  # 11,904 noise entries
@@ -229,7 +234,7 @@ def test_decoder_scatter_noise_distribution(backend, dtype):
     assert not torch.equal(decoder_scatter(x, ids_restore, std, backend=backend)[masked], out[masked])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GATHER_BACKENDS)
 def test_route_roundtrip(backend):
     """decoder_scatter(clone_gather(...)) at std 0: every row's normalised visible tokens sit at their own positions."""
     B, K, N, k, D = 2, 3, 17, 5, 48
@@ -324,7 +329,7 @@ def test_decoder_scatter_bad_input():
 def test_auto_on_cpu(monkeypatch):
     monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
     assert _backend.resolve("clone_gather", "auto", "cpu") == "cpp"
-    assert _backend.resolve("decoder_scatter", "auto", "cpu") == "reference"
+    assert _backend.resolve("decoder_scatter", "auto", "cpu") == "cpp"
 
 
 # --- custom-op plumbing -----------------------------------------------------------------------------------------------
@@ -358,7 +363,7 @@ def test_opcheck(backend):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU backend")
-def test_opcheck_clone_gather_cpp():
+def test_opcheck_cpp():
     B, K, N, k, D = 2, 3, 13, 4, 16
     x, ids_keep, cls, w, b, grad = _gather_inputs(B, K, N, k, D, torch.float32)
     cls = cls.reshape(D)
@@ -369,6 +374,13 @@ def test_opcheck_clone_gather_cpp():
     for xb in (x.detach(), x_t):
         bwd_args = (grad, xb, ids_keep, K, cls.detach(), w.detach(), b.detach(), 1e-6, "cpp")
         torch.library.opcheck(ops.clone_gather_backward.default, bwd_args, test_utils=OPCHECK_UTILS)
+    _, _, ids_restore = _masks(B * K, N, k, seed=2)
+    xe = torch.randn(B * K, 1 + k, D, device=DEV, requires_grad=True)
+    noise = torch.randn(B * K, N - k, D, device=DEV) * 0.01
+    for args in [(xe, ids_restore, None, None, 0.0, "cpp"), (xe, ids_restore, noise, None, 0.01, "cpp")]:
+        torch.library.opcheck(ops.decoder_scatter.default, args, test_utils=OPCHECK_UTILS)
+    gd = torch.randn(B * K, N, D, device=DEV)
+    torch.library.opcheck(ops.decoder_scatter_backward.default, (gd, ids_restore, k, "cpp"), test_utils=OPCHECK_UTILS)
 
 
 def test_compile_fullgraph_reference():

@@ -4,9 +4,11 @@
 its backward accumulates the clones' gradients into x's (B, N, D). ``decoder_scatter`` drops CLS, puts the visible
 tokens back at their positions and fills the masked ones with N(0, std^2) mask tokens.
 
-Backends: ``reference`` (plain PyTorch, any device), ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) and, for
-``clone_gather`` on CPU, ``cpp``: ATen's row gather (``index_select`` through a clip-major row index, no K-fold copy)
-and its native LayerNorm forward / backward kernels. Both ops have a registered backward
+Backends: ``reference`` (plain PyTorch, any device), ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) and, on
+CPU, ``cpp``: ATen row copies through flat row indices (``index_select`` / ``index_copy_``: whole D-vectors instead
+of ``gather`` / ``scatter_add_`` element by element), for ``clone_gather`` through a clip-major row index (no K-fold
+copy) with ATen's native LayerNorm forward / backward; ``decoder_scatter``'s mask tokens are drawn exactly as the
+reference (upstream) draws them. Both ops have a registered backward
 (``sslam_fast::clone_gather_backward``, ``sslam_fast::decoder_scatter_backward``), run by the backend that ran the
 forward.
 """
@@ -77,6 +79,27 @@ def _clone_gather_bwd_cpp(grad, x, ids_keep, clones, cls_token, norm_weight, nor
     )
 
 
+def _flat_rows(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Row r's indices into a (R * width, D) view: ``r * width + ids[r]``, flattened."""
+    return (torch.arange(ids.shape[0], device=ids.device).mul_(width).unsqueeze(1) + ids).reshape(-1)
+
+
+def _decoder_scatter_cpp(x, ids_restore, noise, seed, mask_noise_std):
+    R, N = ids_restore.shape
+    D = x.shape[2]
+    if noise is None:
+        noise = x.new_zeros((R, N - (x.shape[1] - 1), D))
+    src = torch.cat([x[:, 1:], noise.to(x.dtype)], dim=1).view(R * N, D)
+    return src.index_select(0, _flat_rows(ids_restore, N)).view(R, N, D)
+
+
+def _decoder_scatter_bwd_cpp(grad, ids_restore, keep):
+    R, N, D = grad.shape
+    src = grad.new_empty(R * N, D)  # ids_restore rows are permutations: every row of src is written exactly once
+    src.index_copy_(0, _flat_rows(ids_restore, N), grad.reshape(R * N, D))
+    return torch.cat([grad.new_zeros(R, 1, D), src.view(R, N, D)[:, :keep]], dim=1)
+
+
 def _decoder_scatter_reference(x, ids_restore, noise, seed, mask_noise_std):
     if noise is None:  # std == 0: exact zeros at the masked positions
         noise = x.new_zeros((x.shape[0], ids_restore.shape[1] - (x.shape[1] - 1), x.shape[2]))
@@ -104,7 +127,13 @@ _backend.register_op(
 )
 _backend.register_op(
     _backend.OpBackends(
-        "decoder_scatter", kernels={"reference": _decoder_scatter_reference, "triton": _decoder_scatter_triton}
+        "decoder_scatter",
+        kernels={
+            "reference": _decoder_scatter_reference,
+            "triton": _decoder_scatter_triton,
+            "cpp": _decoder_scatter_cpp,
+        },
+        checks={"cpp": lambda d: True},  # ATen kernels: always there on CPU
     )
 )
 # The backward of each op runs on the backend its forward ran on (resolved once, in the public function).
@@ -113,7 +142,11 @@ _CLONE_GATHER_BWD = {
     "triton": _clone_gather_bwd_triton,
     "cpp": _clone_gather_bwd_cpp,
 }
-_DECODER_SCATTER_BWD = {"reference": ref.decoder_scatter_backward, "triton": _decoder_scatter_bwd_triton}
+_DECODER_SCATTER_BWD = {
+    "reference": ref.decoder_scatter_backward,
+    "triton": _decoder_scatter_bwd_triton,
+    "cpp": _decoder_scatter_bwd_cpp,
+}
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------------
@@ -295,7 +328,7 @@ def clone_gather(
         clones: K, the clone count (8 in SSLAM stage 2).
         cls_token: (1, 1, D) or (D,); norm_weight, norm_bias: (D,). Each in x's dtype or float32, on x's device.
         eps: LayerNorm epsilon (1e-6 upstream), > 0.
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "cpp" (CPU) | "triton".
         check_ids: verify the ids_keep values (range, ascending): one device sync. Pass False only for indices
             known to be valid (the triton backward relies on distinct ids per row).
 
@@ -341,11 +374,11 @@ def decoder_scatter(
         ids_restore: (R, N) int64 on x's device, each row a permutation of [0, N) (``argsort(argsort(mask))``):
             values < k pick visible token ``x[r, 1 + value]``, values >= k a mask token.
         mask_noise_std: the mask tokens' std (0.01 upstream), >= 0; 0 gives exact zeros (deterministic mode).
-        generator: the random source (None: the default generator of x's device). The reference backend draws
-            ``x.new_empty(R, N - k, D).normal_(0, std, generator=generator)`` exactly as upstream does; the triton
+        generator: the random source (None: the default generator of x's device). The reference and cpp backends
+            draw ``x.new_empty(R, N - k, D).normal_(0, std, generator=generator)`` exactly as upstream does; the triton
             backend draws one 64-bit seed from it (on its device, no host sync) and generates the noise in-kernel
             (Philox), so backends agree exactly at std 0 and in distribution otherwise.
-        backend: "auto" | "reference" | "triton".
+        backend: "auto" | "reference" | "cpp" | "triton".
         check_ids: verify that ids_restore rows are permutations (one device sync); pass False only for indices
             known to be valid (the triton backward writes each visible token's gradient exactly once).
 
@@ -373,7 +406,7 @@ def decoder_scatter(
     chosen = _backend.resolve("decoder_scatter", backend, x.device)
     noise = seed = None
     if std != 0:
-        if chosen == "reference":
+        if chosen in ("reference", "cpp"):
             noise = ref.mask_noise(x, N - (keep1 - 1), std, generator)
         else:
             gen_device = generator.device if generator is not None else x.device
