@@ -51,15 +51,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define SSLAM_X86 1
-#define SSLAM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")))
-#define SSLAM_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
-#else
-#define SSLAM_X86 0
-#endif
-
-#define SSLAM_INLINE inline __attribute__((always_inline))
+#include "cpu_isa.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -417,29 +409,6 @@ template <typename T>
 void fwd_tiles_baseline(const Job<T>& j, int64_t b, int64_t e) { fwd_tiles(j, b, e); }
 template <typename T>
 void bwd_tiles_baseline(const Job<T>& j, int64_t b, int64_t e) { bwd_tiles(j, b, e); }
-
-enum class Isa { kAvx512, kAvx2, kBaseline };
-
-// The widest instruction set this CPU supports, capped by SSLAM_FAST_CPU_ISA (read once), as in fbank.cpp.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const char* cap_env = std::getenv("SSLAM_FAST_CPU_ISA");
-    const std::string cap = cap_env == nullptr ? "" : cap_env;
-    TORCH_CHECK(cap.empty() || cap == "avx512" || cap == "avx2" || cap == "baseline",
-                "SSLAM_FAST_CPU_ISA must be avx512, avx2 or baseline, got '", cap, "'");
-#if SSLAM_X86
-    __builtin_cpu_init();
-    const bool avx2 =
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    if (avx512 && (cap.empty() || cap == "avx512")) return Isa::kAvx512;
-    if (avx2 && cap != "baseline") return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
 
 template <typename T>
 Kernels<T> kernels() {

@@ -43,21 +43,9 @@
 #include <utility>
 #include <vector>
 
-#if !defined(__GNUC__)
-#error "csrc/fbank.cpp needs GCC or Clang (GNU vector extensions)"
-#endif
+#include "cpu_isa.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-#if defined(__x86_64__) || defined(__i386__)
-#define SSLAM_X86 1
-#define SSLAM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi2")))
-#define SSLAM_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
-#else
-#define SSLAM_X86 0
-#endif
-
-#define SSLAM_INLINE inline __attribute__((always_inline))
 
 namespace sslam_fast {
 namespace {
@@ -520,22 +508,18 @@ struct Kernels {
   void (*mel)(const Job&, int64_t, int64_t, int64_t, float*);
 };
 
-// The widest instruction set this CPU supports, optionally capped by the environment variable SSLAM_FAST_CPU_ISA
-// ("avx512", "avx2" or "baseline"; read once) to test the narrower paths or to avoid AVX-512.
+// The kernels for the widest instruction set this CPU supports (cpu_isa.h; SSLAM_FAST_CPU_ISA caps it).
 const Kernels& kernels() {
   static const Kernels k = [] {
-    const char* cap_env = std::getenv("SSLAM_FAST_CPU_ISA");
-    const std::string cap = cap_env == nullptr ? "" : cap_env;
-    TORCH_CHECK(cap.empty() || cap == "avx512" || cap == "avx2" || cap == "baseline",
-                "SSLAM_FAST_CPU_ISA must be avx512, avx2 or baseline, got '", cap, "'");
 #if SSLAM_X86
-    __builtin_cpu_init();
-    const bool avx2 =
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    if (avx512 && (cap.empty() || cap == "avx512")) return Kernels{16, &fill_avx512, &mel_avx512};
-    if (avx2 && cap != "baseline") return Kernels{8, &fill_avx2, &mel_avx2};
+    switch (cpu_isa()) {
+      case Isa::kAvx512:
+        return Kernels{16, &fill_avx512, &mel_avx512};
+      case Isa::kAvx2:
+        return Kernels{8, &fill_avx2, &mel_avx2};
+      case Isa::kBaseline:
+        break;
+    }
 #endif
     return Kernels{4, &fill_baseline, &mel_baseline};
   }();

@@ -32,7 +32,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#define SSLAM_INLINE inline __attribute__((always_inline))
+#include "cpu_isa.h"  // SSLAM_INLINE
 
 namespace sslam_fast {
 namespace {
