@@ -18,23 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, median_time, write_section  # noqa: E402
+from common import machine_line, median_time, upstream_fbank_loop, write_section  # noqa: E402
 
 from sslam_fast import _backend  # noqa: E402
 from sslam_fast.ops import eat_features  # noqa: E402
-
-
-def torchaudio_loop(clips: torch.Tensor) -> torch.Tensor:
-    import torchaudio.compliance.kaldi as kaldi
-
-    out = []
-    for clip in clips:
-        x = clip - clip.mean()
-        fb = kaldi.fbank(x[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-                         num_mel_bins=128, dither=0.0, frame_shift=10)
-        fb = torch.nn.functional.pad(fb, (0, 0, 0, 1024 - fb.shape[0])) if fb.shape[0] < 1024 else fb[:1024]
-        out.append(((fb + 4.268) / (4.569 * 2))[None])
-    return torch.stack(out)
 
 
 def run_cpu(batch: int, repeats: int) -> list[str]:
@@ -43,8 +30,8 @@ def run_cpu(batch: int, repeats: int) -> list[str]:
     rows = ["| threads | path | ms / clip | speed-up vs loop | max abs diff |", "|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        want = torchaudio_loop(clips)
-        t_loop = median_time(lambda: torchaudio_loop(clips), repeats=repeats)
+        want = upstream_fbank_loop(clips)
+        t_loop = median_time(lambda: upstream_fbank_loop(clips), repeats=repeats)
         rows.append(f"| {threads} | torchaudio per-clip loop | {1e3 * t_loop / batch:.3f} | 1.00x | 0 |")
         for b in backends:
             got = eat_features(clips, backend=b)

@@ -63,10 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_section  # noqa: E402
+from common import machine_line, upstream_fbank_loop, write_section  # noqa: E402
 
 from sslam_fast import _backend  # noqa: E402
 from sslam_fast.models import ModelConfig, PretrainingModel  # noqa: E402
@@ -76,7 +75,6 @@ from sslam_fast.train.optim import param_groups  # noqa: E402
 
 FLOP_PER_CLIP = 1.08e12  # base model, stage 1 (PERF.md)
 BF16_FLOP_S = 989e12  # H100 SXM dense bf16
-NORM_MEAN, NORM_STD = -4.268, 4.569
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP_NORM = 5e-5, (0.9, 0.95), 1e-8, 0.05, 4.0
 SEED = 0
 MEMORY_TAG = "MEMORY_CHILD_RESULT "
@@ -126,22 +124,6 @@ def make_audio(s: Setup) -> torch.Tensor:
     freqs = 100 + 3900 * torch.rand(s.batch, 3, 1, generator=g)
     x = 0.1 * torch.sin(2 * math.pi * freqs * t).sum(1) + 0.05 * torch.randn(s.batch, s.samples, generator=g)
     return (x * 32768).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
-
-
-def plain_features(audio: torch.Tensor, target_length: int) -> torch.Tensor:
-    """The upstream loader, clip by clip (SPEC §1): (B, 1, target_length, 128) float32."""
-    import torchaudio.compliance.kaldi as kaldi
-
-    out = []
-    for clip in audio:
-        x = clip.float() / 32768.0  # soundfile's float32 read of 16-bit PCM
-        x = x - x.mean()
-        fb = kaldi.fbank(x[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-                         num_mel_bins=128, dither=0.0, frame_shift=10)
-        n = fb.shape[0]
-        fb = F.pad(fb, (0, 0, 0, target_length - n)) if n < target_length else fb[:target_length]
-        out.append(((fb - NORM_MEAN) / (NORM_STD * 2))[None])
-    return torch.stack(out)
 
 
 def initial_model(s: Setup) -> PretrainingModel:
@@ -198,7 +180,7 @@ class Variant:
             source = eat_features(audio, target_length=s.target_length)
             masks = inverse_block_mask(s.batch, cfg.clones, **mask_kw)
         else:
-            source = plain_features(audio, s.target_length)
+            source = upstream_fbank_loop(audio, s.target_length)
             masks = ref_masks.inverse_block_mask(s.batch, cfg.clones, **mask_kw)
         windows = _windows(s)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.cuda):
@@ -281,7 +263,7 @@ def cpu_peak(args, stage: str, key: str) -> int:
 def loss_agreement(s: Setup, model0: PretrainingModel, audio: torch.Tensor) -> dict[str, float]:
     """Max relative difference, per loss term, of losses(fast=True) against losses(fast=False) on identical inputs."""
     model = copy.deepcopy(model0).train()
-    source = plain_features(audio, s.target_length)
+    source = upstream_fbank_loop(audio, s.target_length)
     cfg = s.cfg
     masks = inverse_block_mask(s.batch, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length,
                                mask_prob_adjust=cfg.mask_prob_adjust, generator=torch.Generator().manual_seed(SEED),

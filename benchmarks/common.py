@@ -63,6 +63,26 @@ def median_time(fn, *, repeats: int = 7, warmup: int = 2, sync_cuda: bool = Fals
     return statistics.median(times)
 
 
+def upstream_fbank_loop(clips: torch.Tensor, target_length: int = 1024) -> torch.Tensor:
+    """What each upstream DataLoader worker does per clip (SPEC §1), clip by clip: (B, 1, target_length, 128) fp32.
+
+    int16 clips are read as soundfile reads 16-bit PCM (x / 32768); then ``x - x.mean()``, ``kaldi.fbank`` with EAT's
+    arguments, zero pad or crop to ``target_length`` frames, ``(fbank + 4.268) / (2 * 4.569)``.
+    """
+    import torchaudio.compliance.kaldi as kaldi
+
+    out = []
+    for clip in clips:
+        x = clip.float() / 32768.0 if clip.dtype == torch.int16 else clip
+        x = x - x.mean()
+        fb = kaldi.fbank(x[None], htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                         num_mel_bins=128, dither=0.0, frame_shift=10)
+        n = fb.shape[0]
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, target_length - n)) if n < target_length else fb[:target_length]
+        out.append(((fb + 4.268) / (4.569 * 2))[None])
+    return torch.stack(out)
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in RESULTS.md."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
