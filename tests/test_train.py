@@ -196,7 +196,7 @@ def test_sigterm_saves_and_exits_0(base):
 
 
 def test_ema_follows_config():
-    """The trainer's EMA uses cfg.ema_start / ema_end / ema_end_step (PretrainingModel.ema_step hard-codes SPEC's)."""
+    """The trainer's EMA uses cfg.ema_start / ema_end / ema_end_step (its schedule for PretrainingModel.ema_step)."""
     from sslam_fast.models import PretrainingModel
     from sslam_fast.train import load_config
     from sslam_fast.train.loop import _ema_step

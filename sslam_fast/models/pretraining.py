@@ -46,27 +46,33 @@ class PretrainingModel(nn.Module):
 
     # --- EMA teacher (SPEC §4) --------------------------------------------------------------------------------------
 
+    def ema_due(self, num_updates: int) -> bool:
+        """Whether ``ema_step(num_updates)`` averages the teacher: in training mode, and not the resume guard's skip
+        (``(self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates``, SPEC §11.9)."""
+        n = int(num_updates)
+        return self.training and not ((self.num_updates == 0 and n > 1) or self.num_updates >= n)
+
     @torch.no_grad()
-    def ema_step(self, num_updates: int, *, fast: bool | None = None) -> bool:
+    def ema_step(
+        self, num_updates: int, *, fast: bool | None = None, schedule: tuple[float, float, int] | None = None
+    ) -> bool:
         """``set_num_updates(num_updates)``, called at the start of every train step with the optimizer steps done.
 
-        Skips the update when ``(self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates``
-        (the resume guard: after loading a checkpoint at n > 0 the first call does nothing, SPEC §11.9), and in eval
-        mode; otherwise ``teacher <- d * teacher + (1 - d) * student`` with ``d = ema_decay(num_updates)`` for trained
-        parameters and a copy for frozen ones (the positional table). Always sets ``self.num_updates``.
-        Returns whether the teacher was updated.
+        When :meth:`ema_due` (training mode, past the resume guard: after loading a checkpoint at n > 0 the first
+        call does nothing), ``teacher <- d * teacher + (1 - d) * student`` with ``d = ema_decay(num_updates,
+        *schedule)`` for trained parameters and a copy for frozen ones (the positional table); ``schedule`` is
+        (start, end, end_step), None for SPEC's 0.9998 -> 0.99999 over 100k. Always sets ``self.num_updates``.
+        Returns whether the teacher was updated (False also when d is 1).
         """
         if isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral) or num_updates < 0:
             raise ValueError(f"num_updates must be an int >= 0, got {num_updates!r}")
         n = int(num_updates)
         fast = self.fast if fast is None else bool(fast)
         updated = False
-        if (self.num_updates == 0 and n > 1) or self.num_updates >= n:
-            pass
-        elif self.training:
+        if self.ema_due(n):
             from sslam_fast.ops.ema import ema_decay
 
-            decay = ema_decay(n)
+            decay = ema_decay(n) if schedule is None else ema_decay(n, *schedule)
             teacher = list(self.teacher.parameters())
             student = list(self.student.parameters())
             if decay < 1:

@@ -99,19 +99,14 @@ def _unwrap(m):
 
 
 def _ema_step(model, n: int, cfg: TrainConfig) -> float:
-    """``model.ema_step(n)`` with the decay schedule of ``cfg`` (``PretrainingModel.ema_step`` uses SPEC's fixed
-    0.9998 -> 0.99999 over 100k): same resume guard, same in-place update. Returns the decay used (nan if skipped)."""
+    """``model.ema_step(n)`` with the decay schedule of ``cfg``; returns the decay used (nan when the step was not
+    due: before the first update, the resume guard, eval mode)."""
     from sslam_fast.ops import ema_decay
-    from sslam_fast.ops.ema import ema_update_
 
-    decay = float("nan")
-    if not ((model.num_updates == 0 and n > 1) or model.num_updates >= n) and model.training:
-        decay = ema_decay(n, cfg.ema_start, cfg.ema_end, cfg.ema_end_step)
-        if decay < 1:
-            with torch.no_grad():
-                ema_update_(list(model.teacher.parameters()), list(model.student.parameters()), decay)
-    model.num_updates = n
-    return decay
+    schedule = (cfg.ema_start, cfg.ema_end, cfg.ema_end_step)
+    due = model.ema_due(n)
+    model.ema_step(n, fast=True, schedule=schedule)
+    return ema_decay(n, *schedule) if due else float("nan")
 
 
 def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, rank, world) -> None:
