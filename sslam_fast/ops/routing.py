@@ -45,12 +45,19 @@ def _clone_gather_bwd_triton(*args):
     return clone_gather_bwd_triton(*args)
 
 
+def _flat_rows(ids: torch.Tensor, width: int, clones: int = 1) -> torch.Tensor:
+    """Row r's indices into a (rows * width, D) view of its source row ``r // clones``: ``(r // clones) * width +
+    ids[r]``, flattened."""
+    src_row = torch.arange(ids.shape[0], device=ids.device).div_(clones, rounding_mode="floor")
+    return (src_row.mul_(width).unsqueeze(1) + ids).reshape(-1)
+
+
 def _clone_gather_sequence(x, ids_keep, clones, cls_token):
     """(R, 1 + k, D) fp32 ``cat[cls, x[r // clones, ids_keep[r]]]``, gathered straight from x (no repeat)."""
     R, k = ids_keep.shape
     B, N, D = x.shape
-    rows = torch.arange(R, device=x.device).div_(clones, rounding_mode="floor").mul_(N).unsqueeze(1) + ids_keep
-    vis = x.reshape(B * N, D).index_select(0, rows.reshape(-1)).view(R, k, D).float()
+    rows = _flat_rows(ids_keep, N, clones)
+    vis = x.reshape(B * N, D).index_select(0, rows).view(R, k, D).float()
     return torch.cat([cls_token.float().reshape(1, 1, D).expand(R, 1, D), vis], dim=1), rows
 
 
@@ -70,18 +77,13 @@ def _clone_gather_bwd_cpp(grad, x, ids_keep, clones, cls_token, norm_weight, nor
         grad.float().contiguous(), seq, [D], mean, rstd, w, b, [True, True, True]
     )
     dx = torch.zeros(B * N, D, dtype=torch.float32, device=x.device)
-    dx.index_add_(0, rows.reshape(-1), dseq[:, 1:].reshape(-1, D))
+    dx.index_add_(0, rows, dseq[:, 1:].reshape(-1, D))
     return (
         dx.view(B, N, D).to(x.dtype),
         dseq[:, 0].sum(0).reshape(cls_token.shape).to(cls_token.dtype),
         dw.to(norm_weight.dtype),
         db.to(norm_bias.dtype),
     )
-
-
-def _flat_rows(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """Row r's indices into a (R * width, D) view: ``r * width + ids[r]``, flattened."""
-    return (torch.arange(ids.shape[0], device=ids.device).mul_(width).unsqueeze(1) + ids).reshape(-1)
 
 
 def _decoder_scatter_cpp(x, ids_restore, noise, seed, mask_noise_std):
