@@ -13,6 +13,12 @@ Rules:
 - A backend named explicitly in the call that is unavailable raises ``RuntimeError``.
 - The Triton backend runs on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``); ``auto`` never
   picks it on CPU, because the interpreter is a correctness tool, not a fast path.
+- A backend that ``auto`` chose and whose first call raises (a Triton compile failure, a launch the driver refuses,
+  a missing CUDA symbol) is dropped for that op and device type with one warning naming the error, and the next
+  available backend runs the same call; every later ``auto`` call skips it. A backend that has run once is trusted:
+  a later failure (out of memory, say) propagates. A backend named explicitly (argument or ``SSLAM_FAST_BACKEND``)
+  is never dropped: its error propagates. ``auto`` marks its choice by handing the op ``"auto:<backend>"``;
+  :func:`base_name` strips the mark.
 
 Nothing here imports triton or touches CUDA at import time.
 """
@@ -97,6 +103,9 @@ class OpBackends:
 
 _REGISTRY: dict[str, OpBackends] = {}
 _WARNED: set[tuple[str, str, str]] = set()
+AUTO_PREFIX = "auto:"
+_DROPPED: dict[tuple[str, str], set[str]] = {}  # (op, device type) -> backends whose first call raised under auto
+_PROVEN: set[tuple[str, str, str]] = set()  # (op, device type, backend) that completed a call
 
 
 def register_op(ops: OpBackends) -> OpBackends:
@@ -139,14 +148,65 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
             )
         return backend
 
+    b = _auto_choice(op, device_type)
+    return b if b == "reference" else AUTO_PREFIX + b
+
+
+def _auto_choice(op: str, device_type: str) -> str:
+    """The first backend in the op's order for the device that is available and was not dropped."""
+    ops = _REGISTRY[op]
     order = ops.preference.get(device_type, _PREFERENCE[device_type])
     preferred = [b for b in order if b in ops.kernels]
+    dropped = _DROPPED.get((op, device_type), set())
     for b in preferred:
-        if ops.available(b, device_type):
-            if b != preferred[0]:
+        if b not in dropped and ops.available(b, device_type):
+            if b != preferred[0] and preferred[0] not in dropped:
                 _warn_once(op, device_type, f"{op}: backend {preferred[0]!r} unavailable on {device_type}; using {b!r}")
             return b
     raise RuntimeError(f"{op}: no backend available for {device_type} tensors")  # reference is always there
+
+
+def base_name(backend: str) -> str:
+    """The backend name without the ``auto:`` mark of :func:`resolve`."""
+    return backend[len(AUTO_PREFIX):] if backend.startswith(AUTO_PREFIX) else backend
+
+
+def _device_type_of(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device.type
+    return "cpu"
+
+
+def _with_fallback(op: str, backend: str) -> Callable:
+    """The kernel of ``backend`` for an ``auto`` choice: its first failure drops it and runs the next backend."""
+
+    def run(*args, **kwargs):
+        device_type = _device_type_of(args)
+        b = backend
+        if b in _DROPPED.get((op, device_type), ()):
+            b = _auto_choice(op, device_type)
+        while True:
+            fn = _REGISTRY[op].kernels[b]
+            if b == "reference" or (op, device_type, b) in _PROVEN:
+                return fn(*args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure of an untried kernel means "use the next one"
+                _DROPPED.setdefault((op, device_type), set()).add(b)
+                nxt = _auto_choice(op, device_type)
+                msg = f"{op}: backend {b!r} failed on its first {device_type} call ({type(exc).__name__}: {exc}); " \
+                      f"dropped for this process, using {nxt!r}"
+                log.warning(msg)
+                _warn_once(op, device_type, msg)
+                b = nxt
+                continue
+            _PROVEN.add((op, device_type, b))
+            return out
+
+    return run
 
 
 def available_backends(op: str, device_type: str) -> list[str]:
@@ -155,4 +215,14 @@ def available_backends(op: str, device_type: str) -> list[str]:
 
 
 def kernel(op: str, backend: str) -> Callable:
+    """The callable of ``backend`` (as :func:`resolve` returned it) for ``op``: the kernel itself for an explicit
+    choice, the kernel behind the first-call fallback for an ``auto`` one."""
+    if backend.startswith(AUTO_PREFIX):
+        return _with_fallback(op, base_name(backend))
     return _REGISTRY[op].kernels[backend]
+
+
+def reset_fallbacks() -> None:
+    """Forget which backends were dropped or proven (tests)."""
+    _DROPPED.clear()
+    _PROVEN.clear()

@@ -84,7 +84,7 @@ def _kaldi_fbank_op(
     waveforms: torch.Tensor, lengths: torch.Tensor, num_frames: int, sample_rate: int, num_mel_bins: int, backend: str
 ) -> torch.Tensor:
     zeros = waveforms.new_zeros(waveforms.shape[0])
-    if backend == "reference":  # the spec in code, without the offset/normalisation plumbing
+    if _backend.base_name(backend) == "reference":  # the spec in code, without the offset/normalisation plumbing
         return ref.kaldi_fbank(waveforms, lengths, num_frames, sample_rate, num_mel_bins)
     return _run(backend, waveforms, lengths, zeros, sample_rate, num_mel_bins, num_frames, num_frames, 0.0, 1.0,
                 torch.float32)
@@ -105,7 +105,7 @@ def _eat_features_op(
     dtype: torch.dtype,
     backend: str,
 ) -> torch.Tensor:
-    if backend == "reference":
+    if _backend.base_name(backend) == "reference":
         return ref.eat_features(waveforms, lengths, target_length, norm_mean, norm_std, dtype)
     x = waveforms.to(torch.float32)
     offsets = ref.clip_means(x, lengths)

@@ -158,6 +158,7 @@ def inverse_block_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     backend: str = "auto",
+    seed: int | None = None,
 ) -> torch.Tensor:
     """The EAT/SSLAM inverse block multi-masks of a batch (SPEC §3).
 
@@ -174,6 +175,8 @@ def inverse_block_mask(
         device: where the result lives (default CPU).
         backend: "auto" | "reference" | "cpp" | "triton" (see ``sslam_fast._backend``); auto takes cpp on CPU and
             triton on CUDA.
+        seed: the 64-bit seed itself, in [0, 2^63 - 1), instead of a draw from ``generator`` (give one or neither):
+            what a caller that derives its randomness on the host without tensors passes (the trainer).
 
     Returns:
         (batch_size * clones, H*W) bool on ``device``, True = masked; clip-major (row ``b * clones + k`` is clone k of
@@ -202,9 +205,16 @@ def inverse_block_mask(
             f"mask_prob={mask_prob} with grid {H} x {W} keeps {keep} of {L} tokens a row; need 1 <= kept <= {L - 1}"
         )
     _check_generator(generator)
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give generator or seed, not both")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _SEED_HIGH:
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1), got {seed!r}")
+        seed = int(seed)
     device = _check_device(device)
     chosen = _backend.resolve("inverse_block_mask", backend, device)
-    seed = int(torch.randint(_SEED_HIGH, (1,), dtype=torch.int64, generator=generator))
+    if seed is None:
+        seed = int(torch.randint(_SEED_HIGH, (1,), dtype=torch.int64, generator=generator))
     return _inverse_block_mask_op(batch_size, clones, H, W, n_centers, int(mask_length), keep, seed, device, chosen)
 
 

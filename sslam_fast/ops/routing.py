@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from sslam_fast import _backend
-from sslam_fast._checks import check_positive_int, check_tensor
+from sslam_fast._checks import check_positive_int, check_tensor, value_checks_enabled
 from sslam_fast.reference import routing as ref
 
 __all__ = ["clone_gather", "decoder_scatter"]
@@ -86,11 +86,23 @@ def _clone_gather_bwd_cpp(grad, x, ids_keep, clones, cls_token, norm_weight, nor
     )
 
 
+def _noise_for(x, ids_restore, noise, seed, mask_noise_std):
+    """The mask tokens of the ATen backends: ``noise`` as drawn by the public function, zeros for std 0, or, when
+    the call was set up for the Triton kernel (a seed, no noise) and that kernel failed, N(0, std^2) drawn from a
+    generator seeded with ``seed`` (one host read of the seed: this path runs only after a fallback)."""
+    if noise is not None:
+        return noise
+    shape = (ids_restore.shape[0], ids_restore.shape[1] - (x.shape[1] - 1), x.shape[2])
+    if seed is None or mask_noise_std == 0:
+        return x.new_zeros(shape)
+    g = torch.Generator(device=x.device).manual_seed(int(seed.reshape(-1)[0]))
+    return torch.randn(shape, generator=g, device=x.device, dtype=torch.float32).mul_(mask_noise_std).to(x.dtype)
+
+
 def _decoder_scatter_cpp(x, ids_restore, noise, seed, mask_noise_std):
     R, N = ids_restore.shape
     D = x.shape[2]
-    if noise is None:
-        noise = x.new_zeros((R, N - (x.shape[1] - 1), D))
+    noise = _noise_for(x, ids_restore, noise, seed, mask_noise_std)
     src = torch.cat([x[:, 1:], noise.to(x.dtype)], dim=1).view(R * N, D)
     return src.index_select(0, _flat_rows(ids_restore, N)).view(R, N, D)
 
@@ -103,9 +115,7 @@ def _decoder_scatter_bwd_cpp(grad, ids_restore, keep):
 
 
 def _decoder_scatter_reference(x, ids_restore, noise, seed, mask_noise_std):
-    if noise is None:  # std == 0: exact zeros at the masked positions
-        noise = x.new_zeros((x.shape[0], ids_restore.shape[1] - (x.shape[1] - 1), x.shape[2]))
-    return ref.decoder_scatter(x, ids_restore, noise)
+    return ref.decoder_scatter(x, ids_restore, _noise_for(x, ids_restore, noise, seed, mask_noise_std))
 
 
 def _decoder_scatter_triton(x, ids_restore, noise, seed, mask_noise_std):
@@ -139,16 +149,22 @@ _backend.register_op(
     )
 )
 # The backward of each op runs on the backend its forward ran on (resolved once, in the public function).
-_CLONE_GATHER_BWD = {
-    "reference": ref.clone_gather_backward,
-    "triton": _clone_gather_bwd_triton,
-    "cpp": _clone_gather_bwd_cpp,
-}
-_DECODER_SCATTER_BWD = {
-    "reference": ref.decoder_scatter_backward,
-    "triton": _decoder_scatter_bwd_triton,
-    "cpp": _decoder_scatter_bwd_cpp,
-}
+_backend.register_op(
+    _backend.OpBackends(
+        "clone_gather_backward",
+        kernels={"reference": ref.clone_gather_backward, "triton": _clone_gather_bwd_triton,
+                 "cpp": _clone_gather_bwd_cpp},
+        checks={"cpp": lambda d: True},
+    )
+)
+_backend.register_op(
+    _backend.OpBackends(
+        "decoder_scatter_backward",
+        kernels={"reference": ref.decoder_scatter_backward, "triton": _decoder_scatter_bwd_triton,
+                 "cpp": _decoder_scatter_bwd_cpp},
+        checks={"cpp": lambda d: True},
+    )
+)
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------------
@@ -185,7 +201,9 @@ def _clone_gather_bwd_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _CLONE_GATHER_BWD[backend](grad, x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps)
+    return _backend.kernel("clone_gather_backward", backend)(
+        grad, x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps
+    )
 
 
 @_clone_gather_bwd_op.register_fake
@@ -231,7 +249,7 @@ def _(x, ids_restore, noise, seed, mask_noise_std, backend):
 
 @torch.library.custom_op("sslam_fast::decoder_scatter_backward", mutates_args=())
 def _decoder_scatter_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, backend: str) -> torch.Tensor:
-    return _DECODER_SCATTER_BWD[backend](grad, ids_restore, keep)
+    return _backend.kernel("decoder_scatter_backward", backend)(grad, ids_restore, keep)
 
 
 @_decoder_scatter_bwd_op.register_fake
@@ -352,7 +370,7 @@ def clone_gather(
     _check_param("norm_weight", norm_weight, x, ((D,),))
     _check_param("norm_bias", norm_bias, x, ((D,),))
     eps = _real("eps", eps, positive=True)
-    if check_ids and not torch.compiler.is_compiling():  # a data-dependent check cannot be traced
+    if check_ids and value_checks_enabled():  # never inside torch.compile: a data-dependent check cannot be traced
         _check_ids_keep(ids_keep, N)
     chosen = _backend.resolve("clone_gather", backend, x.device)
     return _clone_gather_op(x, ids_keep, int(clones), cls_token.reshape(D), norm_weight, norm_bias, eps, chosen)
@@ -403,12 +421,12 @@ def decoder_scatter(
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != x.device.type:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
-    if check_ids and not torch.compiler.is_compiling():
+    if check_ids and value_checks_enabled():
         _check_ids_restore(ids_restore)
     chosen = _backend.resolve("decoder_scatter", backend, x.device)
     noise = seed = None
     if std != 0:
-        if chosen in ("reference", "cpp"):
+        if _backend.base_name(chosen) in ("reference", "cpp"):
             noise = ref.mask_noise(x, N - (keep1 - 1), std, generator)
         else:
             gen_device = generator.device if generator is not None else x.device

@@ -69,10 +69,29 @@ def _mel_banks_cpu(num_bins: int, n_fft: int, sample_rate: int) -> torch.Tensor:
     return torch.nn.functional.pad(banks, (0, 1)).contiguous()
 
 
+@functools.lru_cache(maxsize=32)
+def _on_device(make, args: tuple, device: str) -> torch.Tensor:
+    """One copy of a constant operand per device: a copy at every call would be a blocking host-to-device transfer
+    on a GPU (and would defeat the Triton kernel's operand cache, keyed on the tensor)."""
+    return make(*args).to(device)
+
+
+def _device_key(device) -> str | None:
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def mel_banks(num_bins: int = 128, n_fft: int = 512, sample_rate: int = EAT_SAMPLE_RATE, device=None) -> torch.Tensor:
-    """(num_bins, n_fft // 2 + 1) float32 Kaldi triangular mel filters, equal to torchaudio's ``get_mel_banks``."""
-    banks = _mel_banks_cpu(num_bins, n_fft, sample_rate)
-    return banks if device is None else banks.to(device)
+    """(num_bins, n_fft // 2 + 1) float32 Kaldi triangular mel filters, equal to torchaudio's ``get_mel_banks``.
+    Cached per device: treat the result as read-only."""
+    key = _device_key(device)
+    if key is None or key == "cpu":
+        return _mel_banks_cpu(num_bins, n_fft, sample_rate)
+    return _on_device(_mel_banks_cpu, (num_bins, n_fft, sample_rate), key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,8 +100,11 @@ def _window_cpu(length: int) -> torch.Tensor:
 
 
 def hanning(length: int, device=None) -> torch.Tensor:
-    w = _window_cpu(length)
-    return w if device is None else w.to(device)
+    """Kaldi's symmetric Hann window, float32; cached per device: treat the result as read-only."""
+    key = _device_key(device)
+    if key is None or key == "cpu":
+        return _window_cpu(length)
+    return _on_device(_window_cpu, (length,), key)
 
 
 def frame_counts(lengths: torch.Tensor, params: FrameParams) -> torch.Tensor:
