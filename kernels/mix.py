@@ -26,24 +26,26 @@ _LN10_OVER_20 = math.log(10.0) / 20.0
 # data another program also reads; SSLAM's input (12 x 1024 x 128 fp16 = 3 MB) sits in L2, so DRAM still sees one
 # read of each input element, while every program stays independent (no serial loop over rows). Inside the windows
 # the partner is not loaded at all: the masked load yields -inf, exactly upstream's ``roll1[..., s:s+W, :] = -inf``.
-# s1 and s2 change every step: they are not specialised, so a new draw never recompiles the kernel.
+# s1 and s2 change every step: they are read from a 2-element device tensor, so a new draw neither recompiles the
+# kernel nor needs a host value (the trainer draws them on the host and never reads them back).
 
 
-@triton.jit(do_not_specialize=["s1", "s2"])
+@triton.jit
 def _partial_max_mix_fwd_kernel(
     spec_ptr,  # (B, T*F) contiguous
     out_ptr,  # (B, T*F), or (2B, T*F) with CONCAT
+    windows_ptr,  # (2,) int64: s1, s2
     B,
     TF,
     F,
-    s1,
-    s2,
     W,
     CONCAT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     tile = tl.program_id(0)
     row = tl.program_id(1)
+    s1 = tl.load(windows_ptr)
+    s2 = tl.load(windows_ptr + 1)
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     inb = offs < TF
     # The frame of element ``offs`` is t = offs // F, and t in [s, s + W) <=> offs in [s*F, (s + W)*F): the same
@@ -68,9 +70,11 @@ def _partial_max_mix_fwd_kernel(
         tl.store(out_ptr + row_base + offs, mix, mask=inb)
 
 
-def partial_max_mix_triton(spec: torch.Tensor, s1: int, s2: int, window_frames: int, concat: bool) -> torch.Tensor:
-    """(B, 1, T, F) -> (B or 2B, 1, T, F): see ``sslam_fast.reference.mix.partial_max_mix``. Arguments pre-validated."""
+def partial_max_mix_triton(spec: torch.Tensor, windows: torch.Tensor, window_frames: int, concat: bool) -> torch.Tensor:
+    """(B, 1, T, F) -> (B or 2B, 1, T, F): see ``sslam_fast.reference.mix.partial_max_mix``; ``windows`` is (s1, s2)
+    as a (2,) int64 tensor on spec's device. Arguments pre-validated."""
     spec = spec.contiguous()
+    windows = windows.to(torch.int64).contiguous()
     B, C, T, F = spec.shape
     out = spec.new_empty((2 * B if concat else B, C, T, F))
     TF = C * T * F  # C == 1 (checked by the op)
@@ -78,7 +82,7 @@ def partial_max_mix_triton(spec: torch.Tensor, s1: int, s2: int, window_frames: 
         return out
     grid = (triton.cdiv(TF, _MIX_BLOCK), B)
     _partial_max_mix_fwd_kernel[grid](
-        spec, out, B, TF, F, int(s1), int(s2), int(window_frames), CONCAT=bool(concat), BLOCK=_MIX_BLOCK, num_warps=4
+        spec, out, windows, B, TF, F, int(window_frames), CONCAT=bool(concat), BLOCK=_MIX_BLOCK, num_warps=4
     )
     return out
 

@@ -21,13 +21,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["losses_fast", "losses_plain", "kept_time_rows"]
+__all__ = ["losses_fast", "losses_plain", "kept_time_rows", "kept_token_index"]
 
 
 def kept_time_rows(H: int, windows: tuple[int, int], window_patches: int) -> list[int]:
     """Time-patch rows outside both unmixed windows, ascending (teacher B's rows, SPEC §5.2)."""
     a, b = windows
     return [t for t in range(H) if not (a <= t < a + window_patches or b <= t < b + window_patches)]
+
+
+def kept_token_index(H: int, W: int, window_rows: torch.Tensor, window_patches: int) -> torch.Tensor:
+    """The tokens of :func:`kept_time_rows` as a ((H - 2w) * W,) int64 index, from the window rows (a, b) as a
+    device tensor, without reading them: kept row i is ``i + w [i >= a] + w [i >= b - w]``, since the kept rows are
+    [0, a), [a + w, b) and [b + w, H) with a + w <= b. The length never depends on (a, b), so the graph is static."""
+    w = window_patches
+    i = torch.arange(H - 2 * w, device=window_rows.device)
+    a, b = window_rows[0], window_rows[1]
+    rows = i + w * (i >= a) + w * (i >= b - w)
+    return (rows[:, None] * W + torch.arange(W, device=window_rows.device)).reshape(-1)
 
 
 def _finish(patch, mix_patch, cls, sample_size) -> dict[str, torch.Tensor]:
@@ -44,12 +55,11 @@ def _finish(patch, mix_patch, cls, sample_size) -> dict[str, torch.Tensor]:
 # --- fast path --------------------------------------------------------------------------------------------------------
 
 
-def _student_fast(model, x, masks, std):
+def _student_fast(model, x, masks, std, k):
     from sslam_fast.ops import clone_gather, decoder_scatter
 
     st, cfg = model.student, model.cfg
     R, N = masks.shape
-    k = N - int(masks[0].sum())
     # Stable sort: visible tokens first in ascending order (what clone_gather wants), then the masked ones.
     order = torch.argsort(masks.to(torch.int8), dim=1, stable=True)
     ids_keep = order[:, :k].contiguous()
@@ -78,7 +88,9 @@ def _cls_loss(cls_out, cls_target, clones, weight, S):
     return diff.square().sum() / math.sqrt(D) * (weight * S)
 
 
-def losses_fast(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
+def losses_fast(model, source, masks, windows, std, num_kept) -> dict[str, torch.Tensor]:
+    """The fast path; ``windows`` is None or (s1, s2) as a (2,) int64 tensor on source's device, ``num_kept`` the
+    kept tokens per row of ``masks``. Reads no tensor value back to the host."""
     from sslam_fast.ops import layer_targets, masked_mse, partial_max_mix
 
     cfg, teacher = model.cfg, model.teacher
@@ -102,9 +114,7 @@ def losses_fast(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
         cls_target = layer_targets(ys, 1).mean(1)  # SSLAM: last layer only
         H, W = Y.shape[1] // cfg.grid[1], cfg.grid[1]
         p = cfg.patch_size
-        rows = kept_time_rows(H, (windows[0] // p, windows[1] // p), cfg.mix_window_frames // p)
-        t = torch.tensor(rows, device=source.device)
-        token_index = (t[:, None] * W + torch.arange(W, device=source.device)).reshape(-1)
+        token_index = kept_token_index(H, W, windows // p, cfg.mix_window_frames // p)
         # Teacher B: the clean clips with the two unmixed windows dropped after patch embed + positions (dropping
         # before the CLS prepend + input LayerNorm is the same thing: the LayerNorm is per token).
         zs = _teacher_layers_fast(teacher, teacher.patchify(source)[:, token_index], top_k)
@@ -116,7 +126,7 @@ def losses_fast(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
         t_srl = (Yu + Rt) / 2
     del ys
 
-    pred, cls_out = _student_fast(model, x, mask_all, std)
+    pred, cls_out = _student_fast(model, x, mask_all, std, num_kept)
     patch = masked_mse(pred, Y, mask_all, clones=K)
     if t_srl is None:
         mix_patch = patch.new_zeros(())
@@ -206,7 +216,7 @@ def losses_plain(model, source, masks, windows, std) -> dict[str, torch.Tensor]:
     if windows is None:
         x, mask_all = source, masks
     else:
-        s1, s2 = windows
+        s1, s2 = windows.tolist()  # the upstream path slices with ints (a host read, as upstream's Python ints are)
         wf = cfg.mix_window_frames
         roll1 = torch.roll(source, shifts=1, dims=0).clone()
         roll1[:, :, s1 : s1 + wf, :] = float("-inf")

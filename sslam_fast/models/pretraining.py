@@ -13,11 +13,12 @@ import numbers
 import torch
 import torch.nn as nn
 
-from sslam_fast._checks import check_tensor
+from sslam_fast._checks import check_tensor, value_checks, value_checks_enabled
 from sslam_fast.models import objectives
 from sslam_fast.models.config import ModelConfig
 from sslam_fast.models.decoder import CNNDecoder
 from sslam_fast.models.encoder import EATEncoder
+from sslam_fast.ops.mix import windows_tensor
 
 __all__ = ["PretrainingModel"]
 
@@ -94,7 +95,10 @@ class PretrainingModel(nn.Module):
 
     # --- objectives (SPEC §4, §5) -----------------------------------------------------------------------------------
 
-    def _check_inputs(self, source, masks, mix_windows, mask_noise_std):
+    def _check_inputs(self, source, masks, mix_windows, mask_noise_std, num_kept):
+        """Structural checks always; the checks that read tensor values (equal kept counts, window offsets given as
+        a tensor) only when ``sslam_fast._checks.value_checks_enabled()`` (a host sync each on a GPU). Returns the
+        windows as a (2,) int64 tensor on source's device (or None), the noise std and the kept count per row."""
         cfg = self.cfg
         check_tensor("source", source, ndim=4, dtypes=(torch.float32, torch.float16, torch.bfloat16))
         B, C, T, Fb = source.shape
@@ -110,27 +114,45 @@ class PretrainingModel(nn.Module):
             raise ValueError(
                 f"masks must have shape (B * clones, N) = ({B * cfg.clones}, {N}), got {tuple(masks.shape)}"
             )
-        masked = masks.sum(1)
-        if not bool((masked == masked[0]).all()):
-            raise ValueError("masks must mask the same number of tokens in every row (equal kept counts)")
-        if int(masked[0]) in (0, N):
-            raise ValueError(f"masks must mask at least one and keep at least one token per row, got {int(masked[0])}")
+        if num_kept is not None and (isinstance(num_kept, bool) or not isinstance(num_kept, numbers.Integral)
+                                     or not 0 < num_kept < N):
+            raise ValueError(f"num_kept must be an int in [1, {N - 1}], got {num_kept!r}")
+        if num_kept is None or value_checks_enabled():
+            kept = N - masks.sum(1)
+            lo, hi = (int(v) for v in torch.aminmax(kept))
+            if lo != hi:
+                raise ValueError("masks must mask the same number of tokens in every row (equal kept counts)")
+            if lo in (0, N):
+                raise ValueError(f"masks must mask at least one and keep at least one token per row, got {N - lo}")
+            if num_kept is not None and num_kept != lo:
+                raise ValueError(f"num_kept={num_kept} but the masks keep {lo} tokens a row")
+            num_kept = lo
         windows = None
         if mix_windows is not None:
             if cfg.stage != "sslam":
                 raise ValueError("mix_windows must be None for stage 'eat' (set ModelConfig.stage='sslam' for SSLAM)")
-            windows = self._check_windows(mix_windows, T)
+            windows = self._check_windows(mix_windows, T, source.device)
         elif cfg.stage == "sslam":
             raise ValueError("mix_windows must be given (s1, s2) for stage 'sslam'")
         std = cfg.mask_noise_std if mask_noise_std is None else mask_noise_std
         if isinstance(std, bool) or not isinstance(std, numbers.Real) or not std >= 0 or std == float("inf"):
             raise ValueError(f"mask_noise_std must be a finite float >= 0, got {mask_noise_std!r}")
-        return windows, float(std)
+        return windows, float(std), int(num_kept)
 
-    def _check_windows(self, mix_windows, T: int) -> tuple[int, int]:
+    def _check_windows(self, mix_windows, T: int, device: torch.device) -> torch.Tensor:
         cfg = self.cfg
         if isinstance(mix_windows, torch.Tensor):
-            mix_windows = mix_windows.tolist()
+            if mix_windows.dtype not in (torch.int32, torch.int64) or mix_windows.numel() != 2:
+                raise ValueError(f"mix_windows must be a pair (s1, s2) of ints or a 2-element int tensor, got a "
+                                 f"{mix_windows.dtype} tensor of shape {tuple(mix_windows.shape)}")
+            if value_checks_enabled():
+                self._check_window_values(mix_windows.reshape(-1).tolist(), T)
+        else:
+            self._check_window_values(mix_windows, T)
+        return windows_tensor(mix_windows, cfg.mix_window_frames, T, device)
+
+    def _check_window_values(self, mix_windows, T: int) -> None:
+        cfg = self.cfg
         if not isinstance(mix_windows, (tuple, list)) or len(mix_windows) != 2:
             raise ValueError(f"mix_windows must be a pair (s1, s2) of frame offsets, got {mix_windows!r}")
         s1, s2 = mix_windows
@@ -143,7 +165,12 @@ class PretrainingModel(nn.Module):
                 f"mix_windows must satisfy 0 <= s1, s1 + {w} <= s2, s2 + {w} <= T = {T}, both multiples of {p}, "
                 f"got ({s1}, {s2})"
             )
-        return s1, s2
+
+    def check_values(self, source: torch.Tensor, masks: torch.Tensor, mix_windows=None, num_kept=None) -> None:
+        """Every check of :meth:`losses`, the value checks included, whatever ``value_checks_enabled()`` says: what a
+        trainer runs eagerly on its first step before a compiled forward (which runs structural checks only)."""
+        with value_checks(True):
+            self._check_inputs(source, masks, mix_windows, None, num_kept)
 
     def losses(
         self,
@@ -152,6 +179,7 @@ class PretrainingModel(nn.Module):
         mix_windows=None,
         mask_noise_std: float | None = None,
         fast: bool | None = None,
+        num_kept: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss terms of one pre-training step (SPEC §4 stage 1, §5 stage 2).
 
@@ -160,9 +188,13 @@ class PretrainingModel(nn.Module):
             masks: (B * clones, N) bool, True = masked (predicted), clip-major rows ``b * clones + k``; every row
                 masks the same number of tokens.
             mix_windows: None (stage 1, EAT) or (s1, s2) frame offsets of the two unmixed windows (stage 2, SSLAM;
-                ``sslam_fast.ops.sample_mix_windows``). The mixed half reuses ``masks``.
+                ``sslam_fast.ops.sample_mix_windows``), as ints or a 2-element int tensor (on source's device, it
+                is never read back: under ``torch.compile`` new windows are new data, not a recompile). The mixed
+                half reuses ``masks``.
             mask_noise_std: std of the decoder's mask tokens; None uses ``cfg.mask_noise_std``; 0 is deterministic.
             fast: True runs on sslam_fast.ops, False the plain upstream-structured path; None uses ``self.fast``.
+            num_kept: the kept (unmasked) tokens per row of ``masks`` when the caller knows it (the trainer does: the
+                mask generator keeps a fixed count). None reads it from the masks, one host sync on a GPU.
 
         Returns:
             dict of fp32 0-dim tensors: ``patch`` (sum over rows, masked tokens and channels of squared error /
@@ -170,11 +202,14 @@ class PretrainingModel(nn.Module):
             times S), ``sample_size`` (S, the masked-token count of the student rows) and
             ``loss = (patch + mix_patch + cls) / S``.
         """
-        windows, std = self._check_inputs(source, masks, mix_windows, mask_noise_std)
+        windows, std, num_kept = self._check_inputs(source, masks, mix_windows, mask_noise_std, num_kept)
         fast = self.fast if fast is None else bool(fast)
-        fn = objectives.losses_fast if fast else objectives.losses_plain
-        return fn(self, source, masks, windows, std)
+        if fast:
+            return objectives.losses_fast(self, source, masks, windows, std, num_kept)
+        return objectives.losses_plain(self, source, masks, windows, std)
 
-    def forward(self, source: torch.Tensor, masks: torch.Tensor, mix_windows=None) -> dict[str, torch.Tensor]:
-        """Training forward: ``losses(source, masks, mix_windows)``."""
-        return self.losses(source, masks, mix_windows)
+    def forward(
+        self, source: torch.Tensor, masks: torch.Tensor, mix_windows=None, num_kept: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Training forward: ``losses(source, masks, mix_windows, num_kept=num_kept)``."""
+        return self.losses(source, masks, mix_windows, num_kept=num_kept)

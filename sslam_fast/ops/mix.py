@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 
 import torch
 
 from sslam_fast import _backend
-from sslam_fast._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive_int, check_tensor
+from sslam_fast._checks import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+    value_checks_enabled,
+)
 from sslam_fast.reference import mix as ref
 
-__all__ = ["mix_waveforms", "partial_max_mix", "sample_mix_windows"]
+__all__ = ["mix_waveforms", "partial_max_mix", "sample_mix_windows", "windows_tensor"]
 
 _SPEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -28,10 +36,21 @@ _SPEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --- backends ---------------------------------------------------------------------------------------------------------
 
 
-def _partial_max_mix_triton(spec, s1, s2, window_frames, concat):
+def _partial_max_mix_reference(spec, windows, window_frames, concat):
+    """``ref.partial_max_mix`` with (s1, s2) as a device tensor: the window rows are chosen by comparisons instead of
+    slices, so no value is read back to the host (the same elements are set to -inf)."""
+    t = torch.arange(spec.shape[2], device=spec.device)
+    s1, s2 = windows[0], windows[1]
+    in_win = ((t >= s1) & (t < s1 + window_frames)) | ((t >= s2) & (t < s2 + window_frames))
+    roll1 = torch.roll(spec, shifts=1, dims=0).masked_fill(in_win.view(1, 1, -1, 1), float("-inf"))
+    mix = torch.max(spec, roll1)
+    return torch.cat([spec, mix], dim=0) if concat else mix
+
+
+def _partial_max_mix_triton(spec, windows, window_frames, concat):
     from sslam_fast.kernels.mix import partial_max_mix_triton
 
-    return partial_max_mix_triton(spec, s1, s2, window_frames, concat)
+    return partial_max_mix_triton(spec, windows, window_frames, concat)
 
 
 def _mix_waveforms_reference(a, b, snr_row, snr_scalar):
@@ -48,7 +67,7 @@ def _mix_waveforms_triton(a, b, snr_row, snr_scalar):
 
 _backend.register_op(
     _backend.OpBackends(
-        "partial_max_mix", kernels={"reference": ref.partial_max_mix, "triton": _partial_max_mix_triton}
+        "partial_max_mix", kernels={"reference": _partial_max_mix_reference, "triton": _partial_max_mix_triton}
     )
 )
 _backend.register_op(
@@ -63,13 +82,13 @@ _backend.register_op(
 
 @torch.library.custom_op("sslam_fast::partial_max_mix", mutates_args=())
 def _partial_max_mix_op(
-    spec: torch.Tensor, s1: int, s2: int, window_frames: int, concat: bool, backend: str
+    spec: torch.Tensor, windows: torch.Tensor, window_frames: int, concat: bool, backend: str
 ) -> torch.Tensor:
-    return _backend.kernel("partial_max_mix", backend)(spec, s1, s2, window_frames, concat)
+    return _backend.kernel("partial_max_mix", backend)(spec, windows, window_frames, concat)
 
 
 @_partial_max_mix_op.register_fake
-def _(spec, s1, s2, window_frames, concat, backend):
+def _(spec, windows, window_frames, concat, backend):
     rows = 2 * spec.shape[0] if concat else spec.shape[0]
     return spec.new_empty((rows, *spec.shape[1:]))
 
@@ -93,14 +112,29 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_windows(windows, window_frames: int, num_frames: int) -> tuple[int, int]:
-    """(s1, s2) as Python ints, with both windows inside [0, T) and s1 + W <= s2 (they may touch, never overlap)."""
+def windows_tensor(windows, window_frames: int, num_frames: int, device: torch.device) -> torch.Tensor:
+    """(s1, s2) as a (2,) int64 tensor on ``device``, checked: both windows inside [0, T) and s1 + W <= s2 (they may
+    touch, never overlap).
+
+    Python ints are checked on the host and copied without waiting (``non_blocking``). A tensor is checked for shape
+    and dtype always and for its values when value checks are on (``sslam_fast._checks``): reading them is a host sync
+    on a GPU. A tensor on another device than ``device`` is copied over."""
     if isinstance(windows, torch.Tensor):
         if windows.dtype not in INT_DTYPES:
             raise TypeError(f"windows must hold integers, got a {str(windows.dtype).replace('torch.', '')} tensor")
         if windows.numel() != 2:
             raise ValueError(f"windows must hold 2 frame offsets (s1, s2), got shape {tuple(windows.shape)}")
-        windows = windows.reshape(-1).tolist()
+        if value_checks_enabled():
+            _check_window_values(windows.reshape(-1).tolist(), window_frames, num_frames)
+        return windows.reshape(2).to(device=device, dtype=torch.int64, non_blocking=True)
+    s1, s2 = _check_window_values(windows, window_frames, num_frames)
+    host = torch.tensor([s1, s2], dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()  # a non-blocking copy from pinned memory never waits for the device
+    return host.to(device, non_blocking=True)
+
+
+def _check_window_values(windows, window_frames: int, num_frames: int) -> tuple[int, int]:
     if not isinstance(windows, (tuple, list)) or len(windows) != 2:
         raise TypeError(f"windows must be a pair (s1, s2) of ints or a 2-element int tensor, got {windows!r}")
     s1, s2 = windows
@@ -150,7 +184,9 @@ def partial_max_mix(
     Args:
         spec: (B, 1, T, F) float32 / float16 / bfloat16, the normalised log-mel batch.
         windows: (s1, s2), Python ints or a 2-element int tensor: frame offsets of the two unmixed windows
-            ``[s1, s1 + W)`` and ``[s2, s2 + W)``; ``0 <= s1``, ``s1 + W <= s2``, ``s2 + W <= T``.
+            ``[s1, s1 + W)`` and ``[s2, s2 + W)``; ``0 <= s1``, ``s1 + W <= s2``, ``s2 + W <= T``. A tensor on
+            spec's device is used as it is (nothing is read back to the host unless value checks are on), so
+            ``torch.compile`` treats new windows as new data, not as new constants.
             ``sample_mix_windows`` draws them as upstream does.
         window_frames: W (240 upstream), >= 0.
         concat: return ``cat([spec, mix])``, the (2B, 1, T, F) stage-2 input, written in one pass.
@@ -170,13 +206,13 @@ def partial_max_mix(
         raise ValueError(f"window_frames must be >= 0, got {window_frames}")
     if not isinstance(concat, bool):
         raise TypeError(f"concat must be a bool, got {type(concat).__name__}")
-    s1, s2 = _check_windows(windows, int(window_frames), spec.shape[2])
+    win = windows_tensor(windows, int(window_frames), spec.shape[2], spec.device)
     chosen = _backend.resolve("partial_max_mix", backend, spec.device)
-    return _partial_max_mix_op(spec, s1, s2, int(window_frames), concat, chosen)
+    return _partial_max_mix_op(spec, win, int(window_frames), concat, chosen)
 
 
 def sample_mix_windows(
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | random.Random | None = None,
     *,
     num_frames: int = ref.NUM_FRAMES,
     window_frames: int = ref.WINDOW_FRAMES,
@@ -187,11 +223,12 @@ def sample_mix_windows(
     s1 is uniform over ``range(0, num_frames // 2, step)``, then s2 uniform over
     ``range(s1 + window_frames, num_frames - window_frames - 1, step)``; for the defaults s1 in {0, 16, ..., 496}
     (32 values) and s2 in {s1 + 240, ..., 768}. Upstream draws with Python's unseeded ``random``; this draws with
-    ``torch.randint`` and ``generator`` (the default CPU generator when None), so a seeded generator reproduces the
-    draws. Raises ValueError when the arguments leave some s1 without a valid s2.
+    ``generator``: a ``random.Random`` (``randrange``, no tensor at all: what the trainer uses), a
+    ``torch.Generator`` (``torch.randint``) or None (the default CPU torch generator), so a seeded generator
+    reproduces the draws. Raises ValueError when the arguments leave some s1 without a valid s2.
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and not isinstance(generator, (torch.Generator, random.Random)):
+        raise TypeError(f"generator must be a torch.Generator, a random.Random or None, got {type(generator).__name__}")
     check_positive_int("num_frames", num_frames)
     check_positive_int("window_frames", window_frames)
     check_positive_int("step", step)
@@ -203,10 +240,13 @@ def sample_mix_windows(
             f"num_frames={num_frames}, window_frames={window_frames}, step={step} leave no valid s2 for "
             f"s1={s1_choices[-1]} (need s1 + window_frames < num_frames - window_frames - 1)"
         )
-    device = generator.device if generator is not None else "cpu"
+    if isinstance(generator, random.Random):
+        draw = generator.randrange
+    else:
+        device = generator.device if generator is not None else "cpu"
 
-    def draw(n: int) -> int:
-        return int(torch.randint(n, (1,), generator=generator, device=device))
+        def draw(n: int) -> int:
+            return int(torch.randint(n, (1,), generator=generator, device=device))
 
     s1 = s1_choices[draw(len(s1_choices))]
     s2_choices = s2_choices_for(s1)
