@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from sslam_fast.checkpoint import CheckpointError
     from sslam_fast.data import DataError
     from sslam_fast.train import ConfigError, load_config
+    from sslam_fast.train.distributed import teardown
     from sslam_fast.train.loop import TrainingError, train
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        teardown()
     return 0
 
 

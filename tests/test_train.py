@@ -236,7 +236,9 @@ def test_cuda_bf16_run(base, stage):
 
 
 def test_nonfinite_losses_are_skipped_then_stop(base, monkeypatch):
-    """A NaN loss skips the update (counted); ``max_nonfinite_in_row`` of them in a row stop with a clear error."""
+    """A NaN loss skips the update on the device (the fused AdamW's ``found_inf``: the parameters do not move), is
+    counted, and ``max_nonfinite_in_row`` of them in a row stop with a clear error on the next log step."""
+    from sslam_fast.checkpoint import load_checkpoint
     from sslam_fast.models import PretrainingModel
     from sslam_fast.train import TrainingError, load_config, train
 
@@ -253,11 +255,23 @@ def test_nonfinite_losses_are_skipped_then_stop(base, monkeypatch):
 
     monkeypatch.setattr(PretrainingModel, "losses", losses)
     bad_calls.update({2, 3})
-    cfg = load_config([*SHORT, "--max_updates=4", f"--run_dir={base / 'nan_skip'}"])
+    run_dir = base / "nan_skip"
+    short = [a for a in SHORT if not a.startswith("--save_every_updates=")]
+    cfg = load_config([*short, "--max_updates=4", "--save_every_updates=1", "--keep_checkpoints=0",
+                       f"--run_dir={run_dir}"])
     summary = train(cfg)
-    assert summary["steps"] == 4 and summary["skipped_steps"] == 2 and calls["n"] == 6
-    steps, _ = _metrics(base / "nan_skip")
-    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 2 and calls["n"] == 4
+    steps, _ = _metrics(run_dir)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["nonfinite_steps"] for r in steps] == [0, 1, 1, 0]
+    assert steps[1]["loss"] is None and steps[2]["loss"] is None  # no finite step in those intervals
+    assert math.isfinite(steps[0]["loss"]) and math.isfinite(steps[3]["loss"])
+    # the skipped updates changed nothing: the student after update 3 is the student after update 1
+    maps = [load_checkpoint(run_dir / f"checkpoint_{n}.pt")[2]["encoder"] for n in (1, 2, 3)]
+    for key in maps[0]:
+        assert torch.equal(maps[0][key], maps[2][key]), key
+    assert any(not torch.equal(maps[0][k], load_checkpoint(run_dir / "checkpoint_last.pt")[2]["encoder"][k])
+               for k in maps[0])  # and update 4 trained again
 
     calls["n"] = 0
     bad_calls.clear()

@@ -42,6 +42,7 @@ class TrainConfig:
     sample_rate: int = 16000
     target_length: int = 1024  # frames after crop / pad (SPEC §1)
     grad_accum: int = 1
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is present, else CPU) | "cpu" | "cuda"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     compile: bool = False  # torch.compile the model's forward + losses (inductor)
     num_workers: int = 8
@@ -122,6 +123,7 @@ class TrainConfig:
 def _first_error(c: TrainConfig) -> str | None:
     checks = [
         (c.stage in ("eat", "sslam"), f"stage must be 'eat' or 'sslam', got {c.stage!r}"),
+        (c.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', got {c.device!r}"),
         (c.precision in ("auto", "fp32", "bf16"), f"precision must be 'auto', 'fp32' or 'bf16', got {c.precision!r}"),
         (c.lr > 0 and math.isfinite(c.lr), f"lr must be a positive finite number, got {c.lr}"),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),

@@ -7,9 +7,10 @@ EMA step, happens at the start of a step with the number of updates done; grad c
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
+import random
 import sys
 import time
 import zlib
@@ -18,9 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sslam_fast._checks import value_checks
+from sslam_fast.train import distributed
 from sslam_fast.train.config import TrainConfig
+from sslam_fast.train.distributed import DistEnv
 from sslam_fast.train.optim import build_optimizer, build_scheduler
 from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
+from sslam_fast.train.stats import TERMS, StepStats
 
 __all__ = ["TrainingError", "default_data_root", "train"]
 
@@ -34,23 +39,16 @@ def default_data_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir).absolute().parent / "default_data"
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, rank, micro-step): masks and mix windows of a step do not depend on
-    anything but these numbers, which is what makes resume exact."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 31 + micro)
+def _step_rng(seed: int, step: int, rank: int, micro: int) -> random.Random:
+    """The host random numbers of one micro-step (the mask seed, the SSLAM windows) from (seed, step, rank,
+    micro-step) alone, which is what makes resume exact. A ``random.Random``: drawing from it touches no tensor, so
+    it never waits for the device."""
+    return random.Random(((seed * 1_000_003 + step) * 1009 + rank) * 31 + micro)
 
 
 class _Progress:
-    """tqdm when installed, else a line every ``log_every`` steps."""
+    """tqdm when installed (the numbers refresh on log steps, the only steps that read them), else a line every
+    ``log_every`` steps."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.enabled, self.bar = enabled, None
@@ -62,13 +60,18 @@ class _Progress:
             except ImportError:
                 pass
 
-    def update(self, step: int, post: dict, log: bool) -> None:
+    def update(self, step: int, rec: dict | None) -> None:
         if not self.enabled:
             return
+        post = None
+        if rec is not None:
+            loss = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
+            post = {"loss": loss, "lr": f"{rec['lr']:.2e}", "clips/s": f"{rec['clips_per_s']:.1f}"}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(post, refresh=False)
-        elif log:
+            if post:
+                self.bar.set_postfix(post, refresh=False)
+        elif post:
             print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in post.items()), file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -76,16 +79,16 @@ class _Progress:
             self.bar.close()
 
 
-def _build_data(cfg: TrainConfig, rank: int, world: int):
+def _build_data(cfg: TrainConfig, env: DistEnv):
     from sslam_fast.data import AudioClipDataset, make_default_dataset
 
     default_set = None
     if cfg.data == "":
         root = default_data_root(cfg.run_dir)
-        if rank == 0:
+        if env.is_main:
             default_set = make_default_dataset(root)
-        _barrier(world)
-        if rank != 0:
+        env.barrier()
+        if not env.is_main:
             default_set = make_default_dataset(root)  # cached by now: only reads
         source = default_set.train_manifest
     else:
@@ -109,17 +112,17 @@ def _ema_step(model, n: int, cfg: TrainConfig) -> float:
     return ema_decay(n, *schedule) if due else float("nan")
 
 
-def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, rank, world) -> None:
+def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, env: DistEnv) -> None:
     from sslam_fast.checkpoint import save_pretraining_checkpoint
 
     mine = (capture_rng_state(), {"epoch": int(position[0]), "batches_done": int(position[1])})
-    if world > 1:
-        gathered = [None] * world
+    if env.world > 1:
+        gathered = [None] * env.world
         dist.all_gather_object(gathered, mine)
     else:
         gathered = [mine]
     states, positions = [g[0] for g in gathered], [g[1] for g in gathered]
-    if rank == 0:
+    if env.is_main:
         extra = {
             "sslam_fast_train": {
                 "step": int(step),
@@ -129,7 +132,7 @@ def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, coun
                 "scheduler": scheduler.state_dict(),
                 "config": cfg.to_dict(),
                 "counters": dict(counters),
-                "world_size": int(world),
+                "world_size": int(env.world),
             }
         }
         for name in (f"checkpoint_{step}.pt", "checkpoint_last.pt"):
@@ -139,10 +142,10 @@ def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, coun
                               if p.stem.split("_")[1].isdigit())
             for _, p in numbered[:-cfg.keep_checkpoints]:
                 p.unlink(missing_ok=True)
-    _barrier(world)
+    env.barrier()
 
 
-def _load(path: Path, model, optimizer, scheduler, rank: int, world: int) -> dict:
+def _load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
     from sslam_fast.checkpoint import load_checkpoint
 
     obj, _, maps = load_checkpoint(path)
@@ -155,10 +158,10 @@ def _load(path: Path, model, optimizer, scheduler, rank: int, world: int) -> dic
     # the checkpoint of update n is written before the EMA step of n (done at the start of the next step): leave the
     # model one behind so the resumed run applies it, as the uninterrupted run does
     model.num_updates = max(int(st["step"]) - 1, 0)
-    if len(st["rng"]) == world:
-        restore_rng_state(st["rng"][rank])
-        if len(st.get("positions", ())) == world:
-            st["position"] = st["positions"][rank]
+    if len(st["rng"]) == env.world:
+        restore_rng_state(st["rng"][env.rank])
+        if len(st.get("positions", ())) == env.world:
+            st["position"] = st["positions"][env.rank]
     return st
 
 
@@ -166,18 +169,20 @@ def _features(cfg, batch, device):
     """(B, 1, T, 128) normalised log-mels of a collated batch, computed on ``device`` (int16 scaled to [-1, 1])."""
     from sslam_fast.ops import eat_features
 
-    audio = batch["audio"].to(device, non_blocking=True)  # int16 PCM is scaled by 1 / 32768 inside eat_features
-    lengths = batch["lengths"].to(device)
+    # pinned by the loader on a GPU run, so neither copy waits; int16 PCM is scaled by 1 / 32768 inside eat_features
+    audio = batch["audio"].to(device, non_blocking=True)
+    lengths = batch["lengths"].to(device, non_blocking=True)
     return eat_features(audio, lengths, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
                         norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
 
 
-def _masks(cfg, batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+def _masks(cfg, batch_size: int, device, *, generator: torch.Generator | None = None,
+           seed: int | None = None) -> torch.Tensor:
     from sslam_fast.ops import inverse_block_mask
 
     return inverse_block_mask(batch_size, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob,
                               mask_length=cfg.mask_length, mask_prob_adjust=cfg.mask_prob_adjust,
-                              generator=generator, device=device)
+                              generator=generator, seed=seed, device=device)
 
 
 class WorkerFeatures:
@@ -200,7 +205,7 @@ class WorkerFeatures:
         seed = zlib.crc32(batch["indices"].numpy().tobytes(), self.cfg.seed & 0xFFFFFFFF)
         with torch.no_grad():
             batch["fbank"] = _features(self.cfg, batch, torch.device("cpu"))
-            batch["masks"] = _masks(self.cfg, B, torch.Generator().manual_seed(seed), torch.device("cpu"))
+            batch["masks"] = _masks(self.cfg, B, torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
         return batch
 
 
@@ -217,7 +222,7 @@ class _TensorBoard:
     def write(self, rec: dict) -> None:
         if self.writer is None:
             return
-        for key in ("loss", "patch", "mix_patch", "cls", "lr", "ema_decay", "clips_per_s"):
+        for key in ("loss", "patch", "mix_patch", "cls", "lr", "ema_decay", "clips_per_s", "nonfinite_steps"):
             if rec.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", rec[key], rec["step"])
         for key, value in rec["time"].items():
@@ -239,37 +244,155 @@ def _check_tensorboard(cfg: TrainConfig) -> None:
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
 
 
+class _Batches:
+    """The loader's batches in the sampler's order, from a saved position on; a batch of only unreadable files is
+    skipped (and its files counted as bad), like any unreadable file."""
+
+    def __init__(self, cfg: TrainConfig, dataset, loader, sampler, epoch: int, done: int):
+        self.cfg, self.dataset, self.loader, self.sampler = cfg, dataset, loader, sampler
+        self.epoch, self.done = epoch, done
+        self._it = self._iterate()
+
+    def _iterate(self):
+        while True:
+            self.sampler.load_state_dict({"epoch": self.epoch, "batches_done": self.done})
+            self.dataset.set_epoch(self.epoch)
+            self.loader.generator.manual_seed(self.cfg.seed * 7919 + self.epoch)  # worker seeds: the epoch only
+            expected = self.sampler.batches(self.epoch)
+            for batch in self.loader:
+                idx = expected[self.done]
+                self.done += 1
+                yield batch, idx
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def next(self, bad: list[str]) -> tuple[dict, int]:
+        """The next batch with a readable file and its count of readable files; unreadable ones go to ``bad``."""
+        n_good, skipped = 0, 0
+        while True:
+            batch, idx = next(self._it)
+            got = set(batch["indices"].tolist())  # a CPU tensor of the collated batch: no device involved
+            bad += [str(self.dataset.path(i)) for i in idx if i not in got]
+            n_good += len(got)
+            if got:
+                return batch, n_good
+            skipped += len(idx)
+            if skipped >= 20 * self.cfg.batch_size:
+                raise TrainingError(f"no readable file in {skipped} items in a row: {', '.join(bad[-5:])}")
+
+
+class _Stepper:
+    """One update: EMA, the micro-steps' forward and backward, the gradient norm and AdamW, with nothing read back
+    from the device. A non-finite gradient (on any rank: DDP averages the gradients first, so every rank sees the
+    same norm) skips the update on the device through the fused AdamW's ``found_inf``: parameters, moments and
+    Adam's step count stay as they were, and :class:`StepStats` counts the step."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, model, ddp, optimizer, scheduler):
+        from sslam_fast.reference.masks import mask_counts
+
+        self.cfg, self.env, self.model, self.ddp = cfg, env, model, ddp
+        self.forward = torch.compile(ddp) if cfg.compile else ddp
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.autocast = env.cuda and cfg.precision in ("auto", "bf16")
+        self.num_kept = mask_counts(cfg.grid, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust)[1]
+        self.last_terms: torch.Tensor | None = None
+
+    def _inputs(self, batch: dict, step: int, micro: int):
+        from sslam_fast.ops import sample_mix_windows
+        from sslam_fast.ops.mix import windows_tensor
+
+        cfg, device = self.cfg, self.env.device
+        rng = _step_rng(cfg.seed, step, self.env.rank, micro)
+        if "fbank" in batch:  # features_in_workers
+            source = batch["fbank"].to(device, non_blocking=True)
+            masks = batch["masks"].to(device, non_blocking=True)
+        else:
+            source = _features(cfg, batch, device)
+            masks = _masks(cfg, batch["audio"].shape[0], device, seed=rng.randrange(2**63 - 1))
+        windows = None
+        if cfg.stage == "sslam":  # drawn on the host, handed over as a device tensor: never read back, never a
+            # new constant for torch.compile
+            s = sample_mix_windows(rng, num_frames=cfg.target_length, window_frames=cfg.mix_window_frames)
+            windows = windows_tensor(s, cfg.mix_window_frames, cfg.target_length, device)
+        return source, masks, windows
+
+    def run(self, step: int, batches: _Batches, stats: StepStats, bad: list[str], check_values: bool) -> int:
+        """Update ``step`` (0-based); returns the readable files it consumed (unreadable ones are added to ``bad``)."""
+        cfg, clock = self.cfg, stats.clock
+        torch.manual_seed(cfg.seed + step)  # SPEC §6: common.seed + num_updates every step
+        stats.ema_decay = _ema_step(self.model, step, cfg)  # SPEC §4: EMA first, with the updates done
+        self.optimizer.zero_grad(set_to_none=True)
+        terms, n_good = None, 0
+        for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch, got = batches.next(bad)
+            n_good += got
+            source, masks, windows = self._inputs(batch, step, micro)
+            stats.data_s += time.perf_counter() - t0
+            if check_values:  # eagerly, outside any compiled region: the checks read values
+                self.model.check_values(source, masks, windows, self.num_kept)
+            last = micro == cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if self.env.world > 1 and not last else contextlib.nullcontext()
+            t1 = clock.mark()
+            with sync:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    out = self.forward(source, masks, windows, self.num_kept)
+                t2 = clock.mark()
+                (out["loss"] / cfg.grad_accum).backward()
+            t3 = clock.mark()
+            stats.marks += [("forward", t1, t2), ("backward", t2, t3)]
+            S = out["sample_size"]
+            micro_terms = torch.stack([*(out[k].detach() / S for k in TERMS[:3]), out["loss"].detach()])
+            terms = micro_terms / cfg.grad_accum if terms is None else terms + micro_terms / cfg.grad_accum
+            stats.add_clips(batch["audio"].shape[0])
+        t3 = clock.mark()
+        if cfg.clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        finite = torch.isfinite(norm)
+        stats.lr = self.optimizer.param_groups[0]["lr"]
+        if self.fused:
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
+        elif bool(finite):  # a non-fused optimizer has no device-side skip: one host read
+            self.optimizer.step()
+        self.scheduler.step()
+        stats.marks.append(("optimizer", t3, clock.mark()))
+        stats.add_step(terms, finite)
+        self.last_terms = terms
+        return n_good
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) pre-training as configured; returns the summary dict (also the last line of metrics.jsonl).
 
     ``resume=True`` requires a checkpoint in ``cfg.run_dir`` (one is used automatically anyway); ``stop_after=k``
-    stops (saving a checkpoint) after k updates of this invocation, as a SIGTERM would."""
+    stops (saving a checkpoint) after k updates of this invocation, as a SIGTERM would.
+
+    The steady-state step reads nothing back from the device: value checks of the inputs run on the first step of
+    the invocation only (``SSLAM_FAST_CHECK=1``: on every step), and the losses, non-finite steps and the time split
+    are read on log steps (``log_every``). A run of ``max_nonfinite_in_row`` non-finite steps is therefore noticed on
+    the next log step; the skipped updates changed nothing in the model."""
     from sslam_fast.data import BadFileMonitor, ResumableSampler, collate
     from sslam_fast.models import PretrainingModel
-    from sslam_fast.ops import sample_mix_windows
 
     _check_tensorboard(cfg)
-    rank, world, local_rank = _dist_env()
-    use_cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if world > 1 and not use_cuda:
-        torch.set_num_threads(1)
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    env = distributed.setup(cfg.device)
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
+    if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    dataset, default_set = _build_data(cfg, rank, world)
-    sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    dataset, default_set = _build_data(cfg, env)
+    sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                               world_size=env.world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          collate_fn=WorkerFeatures(cfg) if cfg.features_in_workers else collate,
-                                         num_workers=cfg.num_workers, pin_memory=use_cuda,
+                                         num_workers=cfg.num_workers, pin_memory=env.cuda,
                                          generator=torch.Generator())  # not the global RNG: exact resume
 
     torch.manual_seed(cfg.seed)
-    model = PretrainingModel(cfg.model_config()).to(device)
+    model = PretrainingModel(cfg.model_config()).to(env.device)
     if cfg.init_checkpoint:
         from sslam_fast.checkpoint import load_checkpoint
 
@@ -286,185 +409,80 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
     if ckpt is not None:
-        st = _load(ckpt, model, optimizer, scheduler, rank, world)
+        st = _load(ckpt, model, optimizer, scheduler, env)
         step, epoch, done = st["step"], st["position"]["epoch"], st["position"]["batches_done"]
         counters.update(st.get("counters", {}))
-        if rank == 0:
+        if env.is_main:
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr, flush=True)
 
     ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
+    if env.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.cuda else None,
                                                         find_unused_parameters=False)
-    autocast = use_cuda and cfg.precision in ("auto", "bf16")
+    stepper = _Stepper(cfg, env, model, ddp, optimizer, scheduler)
+    batches = _Batches(cfg, dataset, loader, sampler, epoch, done)
     monitor = BadFileMonitor(cfg.max_bad_file_share)
     monitor.n_ok, monitor.n_bad = counters["good_files"], counters["bad_files"]  # a resumed run keeps its counts
-    forward = torch.compile(ddp) if cfg.compile else ddp
-    board = _TensorBoard(cfg, rank == 0 and cfg.tensorboard)
-    metrics_path = run_dir / "metrics.jsonl"
-    progress = _Progress(cfg.max_updates, step, rank == 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    nonfinite_row = 0
-    acc = _new_acc()
-    t_run, clips_run, last_loss = time.perf_counter(), 0, float("nan")
+    board = _TensorBoard(cfg, env.is_main and cfg.tensorboard)
+    progress = _Progress(cfg.max_updates, step, env.is_main)
+    stats = StepStats(env)
+    t_run, first_step = time.perf_counter(), step
 
-    def batches():
-        nonlocal epoch, done
-        while True:
-            sampler.load_state_dict({"epoch": epoch, "batches_done": done})
-            dataset.set_epoch(epoch)
-            loader.generator.manual_seed(cfg.seed * 7919 + epoch)  # worker base seeds depend on the epoch only
-            expected = sampler.batches(epoch)
-            for batch in loader:
-                idx = expected[done]
-                done += 1
-                yield batch, idx
-            epoch, done = epoch + 1, 0
+    def log(rec: dict) -> None:
+        counters["skipped_steps"] += rec["nonfinite_steps"]
+        if env.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            board.write(rec)
+        if rec["max_nonfinite_in_row"] >= cfg.max_nonfinite_in_row:
+            raise TrainingError(f"{rec['max_nonfinite_in_row']} non-finite losses in a row by step {rec['step']}; "
+                                f"stopping (the skipped updates left the model unchanged)")
 
-    it = batches()
-    first_step = step
     with GracefulExit() as stop:
         while step < cfg.max_updates:
-            torch.manual_seed(cfg.seed + step)  # SPEC §6: common.seed + num_updates every step
-            decay = _ema_step(model, step, cfg)  # SPEC §4: EMA first, with the updates done
-            optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(5, dtype=torch.float64)  # patch, mix_patch, cls, loss, finite flag
-            n_good, bad = 0, []
-            for micro in range(cfg.grad_accum):
-                t0 = time.perf_counter()
-                while True:  # a batch of only unreadable files is skipped (and counted) like any bad file
-                    batch, idx = next(it)
-                    got = set(batch["indices"].tolist())
-                    bad += [str(dataset.path(i)) for i in idx if i not in got]
-                    n_good += len(got)
-                    if got:
-                        break
-                    if len(bad) >= 20 * cfg.batch_size:
-                        raise TrainingError(f"no readable file in {len(bad)} items in a row: {', '.join(bad[:5])}")
-                B = batch["audio"].shape[0]
-                g = _step_generator(cfg.seed, step, rank, micro)
-                if "fbank" in batch:  # features_in_workers
-                    source = batch["fbank"].to(device, non_blocking=True)
-                    masks = batch["masks"].to(device, non_blocking=True)
-                else:
-                    source = _features(cfg, batch, device)
-                    masks = _masks(cfg, B, g, device)
-                windows = None
-                if cfg.stage == "sslam":
-                    windows = sample_mix_windows(g, num_frames=cfg.target_length, window_frames=cfg.mix_window_frames)
-                t1 = _sync_time(use_cuda)
-                sync_ctx = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else _Null()
-                with sync_ctx:
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                        out = forward(source, masks, windows)
-                    loss = out["loss"]
-                    t2 = _sync_time(use_cuda)
-                    (loss / cfg.grad_accum).backward()
-                t3 = _sync_time(use_cuda)
-                S = float(out["sample_size"])
-                vals = [float(out[k].detach()) / S for k in ("patch", "mix_patch", "cls")] + [float(loss.detach())]
-                sums[:4] += torch.tensor(vals, dtype=torch.float64) / cfg.grad_accum
-                sums[4] += 0.0 if math.isfinite(vals[3]) else 1.0
-                acc["data"] += t1 - t0
-                acc["forward"] += t2 - t1
-                acc["backward"] += t3 - t2
-                acc["clips"] += B
-                clips_run += B
-            t4 = time.perf_counter()
-            flags = torch.tensor([sums[4].item(), 1.0 if stop.requested else 0.0, float(n_good), float(len(bad))],
-                                 dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(flags)
-            # bad files count over all ranks (every rank sees the same totals, so all stop together)
-            counters["good_files"] += int(flags[2])
-            counters["bad_files"] += int(flags[3])
-            monitor.update(int(flags[2]), int(flags[3]), bad)
-            if flags[0] > 0:  # a non-finite loss on some rank: skip the update everywhere
-                optimizer.zero_grad(set_to_none=True)
-                counters["skipped_steps"] += 1
-                nonfinite_row += 1
-                model.num_updates = step  # the next EMA call sees the same update count
-                if nonfinite_row >= cfg.max_nonfinite_in_row:
-                    raise TrainingError(f"{nonfinite_row} non-finite losses in a row at step {step}; stopping")
-            else:
-                nonfinite_row = 0
-                if cfg.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                acc["optimizer"] += _sync_time(use_cuda) - t4
-                acc["n"] += 1
-                acc["sums"] += sums[:4]
-                acc["decay"], acc["lr"] = decay, lr
-                last_loss = float(sums[3])
-                log = step % cfg.log_every == 0 or step == cfg.max_updates
-                if log:
-                    rec = _log_record(acc, step, world)
-                    if rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        board.write(rec)
-                    acc = _new_acc()
-                rate = clips_run / max(time.perf_counter() - t_run, 1e-9)
-                progress.update(step, {"loss": f"{last_loss:.4f}", "lr": f"{lr:.2e}", "clips/s": f"{rate:.1f}"}, log)
-                if step % cfg.save_every_updates == 0 and step < cfg.max_updates:
-                    _save(run_dir, cfg, model, optimizer, scheduler, step, (epoch, done), counters, rank, world)
-            if flags[1] > 0 or (stop_after is not None and step - first_step >= stop_after):
+            bad: list[str] = []
+            with value_checks(step == first_step):
+                n_good = stepper.run(step, batches, stats, bad, check_values=step == first_step)
+            step += 1
+            # host bookkeeping, summed over ranks on the CPU (gloo): every rank sees the same totals and stops alike
+            flags = torch.tensor([float(stop.requested), float(n_good), float(len(bad))], dtype=torch.float64)
+            stopping, n_good, n_bad = (int(v) for v in env.all_reduce_(flags).tolist())
+            counters["good_files"] += n_good
+            counters["bad_files"] += n_bad
+            monitor.update(n_good, n_bad, bad)
+            rec = None
+            if step % cfg.log_every == 0 or step == cfg.max_updates:
+                rec = stats.summary(step)
+                stats.reset()
+                log(rec)
+            progress.update(step, rec)
+            if step % cfg.save_every_updates == 0 and step < cfg.max_updates:
+                _save(run_dir, cfg, model, optimizer, scheduler, step, (batches.epoch, batches.done), counters, env)
+            if stopping or (stop_after is not None and step - first_step >= stop_after):
                 break
         stopped_early = step < cfg.max_updates
+    if stats.steps:  # the interval since the last log line (a stop between log steps)
+        log(stats.summary(step))
     progress.close()
     board.close()
-    counters["clips"] += clips_run
-    _save(run_dir, cfg, model, optimizer, scheduler, step, (epoch, done), counters, rank, world)
+    counters["clips"] += stats.clips_seen
+    _save(run_dir, cfg, model, optimizer, scheduler, step, (batches.epoch, batches.done), counters, env)
     elapsed = time.perf_counter() - t_run
-    summary = {"summary": True, "steps": step, "clips_per_s": clips_run / max(elapsed, 1e-9),
+    last_loss = float(stepper.last_terms[3]) if stepper.last_terms is not None else float("nan")
+    summary = {"summary": True, "steps": step, "clips_per_s": stats.clips_seen / max(elapsed, 1e-9),
                "final_loss": last_loss, "bad_files": counters["bad_files"],
-               "skipped_steps": counters["skipped_steps"], "stopped_early": stopped_early, "world_size": world}
-    if rank == 0:
-        with open(metrics_path, "a") as f:
+               "skipped_steps": counters["skipped_steps"], "stopped_early": stopped_early, "world_size": env.world}
+    if env.is_main:
+        with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(summary) + "\n")
         print(f"done: {step} steps, {summary['clips_per_s']:.1f} clips/s per device, final loss {last_loss:.4f}, "
               f"{counters['bad_files']} bad files, {counters['skipped_steps']} skipped steps", flush=True)
         if default_set is not None and not stopped_early:
             from sslam_fast.train.probe import linear_probe
 
-            res = linear_probe(model.student, default_set, cfg, device=device)
+            res = linear_probe(model.student, default_set, cfg, device=env.device)
             summary["probe"] = res
             print(f"linear-probe mAP: pretrained={res['pretrained']:.3f} random-init={res['random_init']:.3f}",
                   flush=True)
-    _barrier(world)
+    env.barrier()
     return summary
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _sync_time(use_cuda: bool) -> float:
-    if use_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _new_acc() -> dict:
-    return {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "clips": 0, "n": 0,
-            "sums": torch.zeros(4, dtype=torch.float64), "decay": float("nan"), "lr": 0.0, "t0": time.perf_counter()}
-
-
-def _log_record(acc: dict, step: int, world: int) -> dict:
-    means = acc["sums"] / max(acc["n"], 1)
-    if world > 1:  # average the logged losses over ranks (one small all-reduce per log line)
-        means = means.clone()
-        dist.all_reduce(means)
-        means /= world
-    wall = time.perf_counter() - acc["t0"]
-    return {"step": step, "patch": means[0].item(), "mix_patch": means[1].item(), "cls": means[2].item(),
-            "loss": means[3].item(), "lr": acc["lr"], "ema_decay": None if math.isnan(acc["decay"]) else acc["decay"],
-            "clips_per_s": acc["clips"] / max(wall, 1e-9),
-            "time": {k: round(acc[k], 4) for k in ("data", "forward", "backward", "optimizer")}}
