@@ -16,10 +16,23 @@ Peak memory is the peak of bytes allocated above the level at the start of the c
 allocator's ``[memory]`` events recorded by ``torch.profiler`` (``profile_memory=True``), taken in time order. Both
 count the outputs and gradients the call creates, not the inputs it was given.
 
-On CUDA the table also gives achieved GB/s (memory-bound ops: compulsory bytes read + written / time, assuming every
-input is read once and every output written once) or TFLOP/s (attention: 4 B H L^2 d forward, 2.5x that backward;
-decoder block: the grouped 3x3 conv, 2 R C (C / groups) 9 H W forward, 2x that backward), and the share of the H100
-roofline (3.35 TB/s HBM, 989 TFLOP/s dense bf16).
+Timing: on CPU the median wall time of ``repeats`` calls; on CUDA the median time between CUDA events around each
+call (``common.cuda_median_time``), and for the memory-bound ops (those reported in GB/s) L2 is flushed before each
+timed call (``common.l2_flush``: ``zero_()`` of a 256 MiB buffer, outside the events), so that their inputs come from
+HBM as they do inside a training step.
+
+On CUDA the table also gives achieved GB/s (memory-bound ops) or TFLOP/s (attention: 4 B H L^2 d forward, 2.5x that
+backward; decoder block: the grouped 3x3 conv, 2 R C (C / groups) 9 H W forward, 2x that backward), and the share of
+the roofline: the device's HBM bandwidth (``common.hbm_peak``: 3.35 TB/s on an H100 SXM, 4.8 on an H200) or 989
+TFLOP/s dense bf16 (H100 and H200 alike).
+
+Byte-counting rule for GB/s and the share of HBM bandwidth: only the bytes that must cross HBM count, i.e. every input
+read once plus every output written once (for fwd+bwd: the forward's, plus the backward's own inputs -- upstream
+gradient, saved or recomputed-from tensors -- read once and its gradients written once). Re-reads of data that lives
+in L2 or shared memory within one call are not counted: a partner row read twice by ``partial_max_mix``, the two
+passes of a normalisation over a row, the same token gathered by several clones. Gathers count their whole source
+(an upper bound: ``clone_gather`` with 8 clones of 102 of 512 tokens touches about 83 % of it). A figure above the
+roofline therefore means the counting is wrong, not that the op beat HBM.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, median_time, write_section  # noqa: E402
+from common import cuda_median_time, hbm_peak, machine_line, median_time, write_section  # noqa: E402
 
 from sslam_fast import _backend, ops  # noqa: E402
 from sslam_fast.reference import attention as ref_attn  # noqa: E402
@@ -50,8 +63,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "skip", repo
     ops_masks = ref_masks = None
     MASKS_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-HBM_BYTES_S = 3.35e12  # H100 SXM
-BF16_FLOP_S = 989e12  # H100 SXM dense bf16
+BF16_FLOP_S = 989e12  # H100 / H200 SXM dense bf16 (HBM bandwidth differs: common.hbm_peak)
 MASK_NOISE_STD = 0.01
 KEEP_OF_512 = 102  # SSLAM: int(512 * (1 - 0.8)) visible tokens per row
 
@@ -294,8 +306,16 @@ class Row:
 
 def measure(case: Case, path: str, fn, device: str, repeats: int, warmup: int) -> Row:
     """Time (and measure peak memory of) ``fn(*args)`` forward and, if the op has gradients, forward+backward."""
-    sync = device == "cuda"
-    peak = _cuda_peak_bytes if sync else _cpu_peak_bytes
+    cuda = device == "cuda"
+    peak = _cuda_peak_bytes if cuda else _cpu_peak_bytes
+    # Memory-bound ops (no FLOP model) get a flushed L2 before each timed call on CUDA; see the module docstring.
+    flush = case.flops_fwd == 0
+
+    def timed(f):
+        if cuda:
+            return cuda_median_time(f, repeats=repeats, warmup=warmup, flush_l2=flush)
+        return median_time(f, repeats=repeats, warmup=warmup)
+
     row = Row(path)
     if fn is None:
         row.note = "not run"
@@ -305,11 +325,11 @@ def measure(case: Case, path: str, fn, device: str, repeats: int, warmup: int) -
             with torch.no_grad():
                 fn(*case.args)
 
-        row.fwd_s = median_time(fwd, repeats=repeats, warmup=warmup, sync_cuda=sync)
+        row.fwd_s = timed(fwd)
         row.fwd_mem = peak(fwd)
         if case.grad_args:
             step = _grad_closure(fn, case)
-            row.bwd_s = median_time(step, repeats=repeats, warmup=warmup, sync_cuda=sync)
+            row.bwd_s = timed(step)
             row.bwd_mem = peak(step)
     except Exception as exc:  # noqa: BLE001 - every failure is reported in the table, never hidden
         what = "compile failed" if path.startswith("compile") else "failed"
@@ -331,7 +351,7 @@ def paths_for(case: Case, device: str, skip_compile: str) -> list[tuple[str, Cal
     if case.registry is None:
         out.append(("op (single implementation)", lambda *a: case.run("auto", *a)))
     elif device == "cpu":
-        chosen = _backend.resolve(case.registry, "auto", device)
+        chosen = _backend.base_name(_backend.resolve(case.registry, "auto", device))
         out.append((f"op auto -> {chosen}", lambda *a: case.run("auto", *a)))
     else:
         for b in _backend.available_backends(case.registry, device):
@@ -352,11 +372,11 @@ def _mib(b):
 
 
 def _rate(case: Case, fwd_s, bwd_s) -> tuple[str, str]:
-    """(achieved, share of the H100 roofline) for fwd and fwd+bwd, as 'fwd / fwd+bwd'."""
+    """(achieved, share of the roofline) for fwd and fwd+bwd, as 'fwd / fwd+bwd'; bytes per the module's rule."""
     flop = case.flops_fwd > 0
     work_f = case.flops_fwd if flop else case.bytes_fwd
     work_b = (case.flops_fwd + case.flops_bwd) if flop else (case.bytes_fwd + case.bytes_bwd)
-    peak, unit, scale = (BF16_FLOP_S, "TFLOP/s", 1e12) if flop else (HBM_BYTES_S, "GB/s", 1e9)
+    peak, unit, scale = (BF16_FLOP_S, "TFLOP/s", 1e12) if flop else (hbm_peak()[0], "GB/s", 1e9)
     if not work_f:
         return "-", "-"
     vals, shares = [], []
@@ -371,7 +391,7 @@ def _rate(case: Case, fwd_s, bwd_s) -> tuple[str, str]:
 def table(results: list[tuple[Case, list[Row]]], device: str) -> str:
     head = ["op", "shape", "path", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB", "fwd vs ref"]
     if device == "cuda":
-        head += ["achieved (fwd / fwd+bwd)", "H100 roofline"]
+        head += ["achieved (fwd / fwd+bwd)", "roofline share"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for case, rows in results:
         ref_t = rows[0].fwd_s
@@ -450,6 +470,9 @@ def main(argv=None) -> int:
     notes = [f"threads {torch.get_num_threads()}; {dtype}; median of {repeats} after {warmup} warm-up calls"
              f"{' (--quick)' if args.quick else ''}; peak MiB = bytes allocated above the call's start level "
              f"({'max_memory_allocated' if args.device == 'cuda' else 'torch.profiler CPU allocator events'})"]
+    if args.device == "cuda":
+        notes.append(f"CUDA-event times, L2 flushed before each call of the GB/s ops; roofline = {hbm_peak()[1]} HBM "
+                     f"(bytes: inputs read once + outputs written once, see the docstring) or 989 TFLOP/s bf16")
     if "masks" in names and MASKS_IMPORT_ERROR:
         notes.append(f"masks skipped: {MASKS_IMPORT_ERROR}")
     title = f"### Every op vs reference and torch.compile(reference), device {args.device}"

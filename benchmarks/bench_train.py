@@ -7,16 +7,35 @@
 
 One step is everything the trainer does per update, from a batch of raw int16 waveforms already on the device to the
 updated teacher: features, masks (and the SSLAM mix windows), the EMA step, the loss terms (bf16 autocast on CUDA),
-backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight decay 0.05 on the matrices). Variants:
+backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight decay 0.05 on the matrices); on CUDA,
+(a) and (b) start from upstream's CPU-worker output instead (see below). Variants:
 
 - (a) plain: the upstream pipeline. Per clip ``x / 32768``, ``x - x.mean()``, ``torchaudio.compliance.kaldi.fbank``
   with the SPEC §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks from
   the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
-  parameter by parameter (``foreach=False``, as fairseq's own AdamW); the Python EMA loop (``ema_step(fast=False)``).
+  parameter by parameter (``foreach=False``, as fairseq's own AdamW on the CPU; on CUDA see below); the Python EMA
+  loop (``ema_step(fast=False)``).
 - (b) (a) with the loss function under ``torch.compile`` (default inductor).
 - (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``losses(fast=True)``, foreach clipping, torch's
   fused AdamW (CUDA and CPU), ``ema_step(fast=True)``.
 - (d) (c) with the loss function under ``torch.compile``.
+
+On CUDA the baseline is what upstream really runs on a GPU, which is not the CPU baseline moved to the device:
+
+- fbank and masks: upstream computes them per clip in its CPU DataLoader workers (the dataset's item and batch
+  functions), which overlap the GPU step; the GPU step receives the finished batch. So on CUDA the
+  step of (a) and (b) starts from the features and masks already on the device: before each timed step they are
+  computed on the CPU exactly as above (the per-clip loop and the per-row mask loop, at 1 thread as in a worker) and
+  copied to the device, outside the timed region. Their cost is reported separately, as "CPU worker time per clip",
+  with the number of worker cores that would keep up with (a). (c) and (d) keep computing both inside the step,
+  from int16 audio on the device; neither side's host-to-device copy of the batch is timed (a few MB, ~0.2 ms).
+- optimizer: fairseq's ``FairseqAdam`` uses ``FusedAdam`` on CUDA whenever apex (or its own ``fused_adam_cuda``) is
+  installed, so (a) and (b) run torch's fused AdamW (``fused=True``) there (the same update, one kernel); and
+  fairseq's ``clip_grad_norm_`` then uses apex's ``multi_tensor_l2norm`` (``amp_C``, installed with the same apex),
+  so the clipping of (a) and (b) is the foreach one there. On the CPU they keep the per-parameter loops above, so the
+  CPU figures in RESULTS.md stay comparable with earlier runs.
+- timing: each step is timed with CUDA events around it (``common.cuda_time_once``: synchronize, record, step,
+  record), so the figure is the device time of the step, including any time the GPU waits for Python to launch.
 
 Each variant trains its own deep copy of one initial model with its own optimizer. After the warm-up steps (which
 also compile (b) and (d)) the variants run round-robin, one step each per round, so a drift of the machine hits them
@@ -28,7 +47,8 @@ ints and would recompile (minutes on a small CPU) for every new pair, while the 
 Peak memory is the memory one step needs above what is held between steps (model, teacher, optimizer state):
 
 - CUDA: ``max_memory_allocated()`` during one step minus ``memory_allocated()`` before it (after
-  ``reset_peak_memory_stats``), with the gradients of the previous step freed first.
+  ``reset_peak_memory_stats``), with the gradients of the previous step freed first; for (a) and (b) the workers'
+  batch is already on the device then, as it is when upstream's step starts.
 - CPU: peak resident set size of one step above the resident size before it. Each variant runs in a fresh
   subprocess (this script with a hidden flag) so that no other variant's heap is in the way. The subprocess first sets
   glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 64 KiB with ``mallopt``: every large tensor then lives in
@@ -65,11 +85,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, upstream_fbank_loop, write_section  # noqa: E402
+from common import cuda_time_once, machine_line, upstream_fbank_loop, write_section  # noqa: E402
 
 from sslam_fast import _backend  # noqa: E402
+from sslam_fast._checks import value_checks  # noqa: E402
 from sslam_fast.models import ModelConfig, PretrainingModel  # noqa: E402
 from sslam_fast.ops import eat_features, inverse_block_mask, sample_mix_windows  # noqa: E402
+from sslam_fast.ops.mix import windows_tensor  # noqa: E402
 from sslam_fast.reference import masks as ref_masks  # noqa: E402
 from sslam_fast.train.optim import param_groups  # noqa: E402
 
@@ -150,17 +172,28 @@ class Variant:
         self.model = copy.deepcopy(model0).train()
         groups = param_groups(self.model, WEIGHT_DECAY)
         self.params = [p for g in groups for p in g["params"]]
-        if not self.fast:
-            kw = {"foreach": False}  # fairseq's AdamW: a Python loop over parameters
+        if not self.fast and not s.cuda:
+            kw = {"foreach": False}  # fairseq's AdamW on the CPU: a Python loop over parameters
         elif all(p.is_floating_point() for p in self.params):
-            kw = {"fused": True}  # torch's fused AdamW: CUDA and CPU
+            kw = {"fused": True}  # fast: torch's fused AdamW (CUDA and CPU); plain on CUDA: fairseq's FusedAdam
         else:
             kw = {"foreach": True}
         self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, **kw)
+        # fairseq's clip_grad_norm_ on CUDA: apex's multi-tensor L2 norm (see the docstring); on the CPU a loop
+        self.foreach_clip = self.fast or s.cuda
+        # (a) and (b) on CUDA: fbank and masks come from upstream's CPU DataLoader workers, outside the GPU step
+        self.workers = s.cuda and not self.fast
+        self.worker_times: list[tuple[float, float]] = []  # (fbank s, masks s) per timed step, for the whole batch
+        self._last_worker: tuple[float, float] | None = None
         model, fast = self.model, self.fast
+        # the fast variants run as the trainer's steady-state step does: the kept count known from the mask
+        # generator, the windows as a device tensor, no value checks (nothing read back to the host)
+        num_kept = ref_masks.mask_counts(s.cfg.grid, s.cfg.mask_prob, s.cfg.mask_length, s.cfg.mask_prob_adjust)[1]
 
         def loss_fn(source, masks, windows):
-            return model.losses(source, masks, windows, fast=fast)
+            if fast:
+                return model.losses(source, masks, windows, fast=True, num_kept=num_kept)
+            return model.losses(source, masks, windows, fast=False)
 
         self.loss_fn = torch.compile(loss_fn) if self.compiled else loss_fn
         self.n = 0  # optimizer steps done
@@ -169,44 +202,78 @@ class Variant:
         self.peak: int | None = None
         self.note = ""  # "failed: ..." / "skipped (...)"
 
-    def step(self, audio: torch.Tensor) -> torch.Tensor:
+    def _mask_kw(self, n: int, device: torch.device) -> dict:
+        cfg = self.s.cfg
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + n)  # step n's masks, whichever side draws them
+        return dict(grid=cfg.grid, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length,
+                    mask_prob_adjust=cfg.mask_prob_adjust, generator=g, device=device)
+
+    def prepare(self, audio: torch.Tensor, n: int | None = None):
+        """What upstream's CPU DataLoader workers hand the GPU step of (a) / (b) for step ``n`` (default: the next):
+        (source, masks) on the device, computed on the CPU at 1 thread; None for every other variant and on the CPU,
+        where the step computes them itself. Not part of the timed step; the CPU time is kept in ``_last_worker``."""
+        if not self.workers:
+            return None
+        s = self.s
+        n = self.n if n is None else n
+        audio_cpu = audio.cpu()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch runs one thread per DataLoader worker process
+        try:
+            t0 = time.perf_counter()
+            source = upstream_fbank_loop(audio_cpu, s.target_length)
+            t1 = time.perf_counter()
+            masks = ref_masks.inverse_block_mask(s.batch, s.cfg.clones, **self._mask_kw(n, torch.device("cpu")))
+            t2 = time.perf_counter()
+        finally:
+            torch.set_num_threads(threads)
+        self._last_worker = (t1 - t0, t2 - t1)
+        return source.to(s.device), masks.to(s.device)
+
+    def step(self, audio: torch.Tensor, prepared=None) -> torch.Tensor:
         s, cfg = self.s, self.s.cfg
+        if prepared is None:
+            prepared = self.prepare(audio)
         self.model.ema_step(self.n, fast=self.fast)  # the trainer's order: EMA first, with the updates done
         self.opt.zero_grad(set_to_none=True)
-        g = torch.Generator().manual_seed(SEED * 1_000_003 + self.n)
-        mask_kw = dict(grid=cfg.grid, mask_prob=cfg.mask_prob, mask_length=cfg.mask_length,
-                       mask_prob_adjust=cfg.mask_prob_adjust, generator=g, device=s.device)
-        if self.fast:
+        if prepared is not None:  # (a) / (b) on CUDA: the workers' batch
+            source, masks = prepared
+        elif self.fast:
             source = eat_features(audio, target_length=s.target_length)
-            masks = inverse_block_mask(s.batch, cfg.clones, **mask_kw)
+            masks = inverse_block_mask(s.batch, cfg.clones, **self._mask_kw(self.n, s.device))
         else:
             source = upstream_fbank_loop(audio, s.target_length)
-            masks = ref_masks.inverse_block_mask(s.batch, cfg.clones, **mask_kw)
+            masks = ref_masks.inverse_block_mask(s.batch, cfg.clones, **self._mask_kw(self.n, s.device))
         windows = _windows(s)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.cuda):
+        if self.fast and windows is not None:
+            windows = windows_tensor(windows, cfg.mix_window_frames, s.target_length, s.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.cuda), value_checks(not self.fast):
             out = self.loss_fn(source, masks, windows)
         loss = out["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM, foreach=self.fast)
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM, foreach=self.foreach_clip)
         self.opt.step()
         self.n += 1
         return loss.detach()
 
     def timed_step(self, audio: torch.Tensor) -> None:
         if self.s.cuda:
-            torch.cuda.synchronize()
+            prepared = self.prepare(audio)  # upstream's workers, outside the timed region (None for (c) / (d))
+            self.times.append(cuda_time_once(lambda: self.step(audio, prepared)))
+            if prepared is not None:
+                self.worker_times.append(self._last_worker)
+            return
         t0 = time.perf_counter()
         self.step(audio)
-        if self.s.cuda:
-            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t0)
 
     def cuda_peak(self, audio: torch.Tensor) -> int:
         self.opt.zero_grad(set_to_none=True)
+        prepared = self.prepare(audio)  # the workers' batch arrives before the step, as in upstream
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        self.step(audio)
+        self.step(audio, prepared)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
@@ -351,9 +418,10 @@ def profile(s: Setup, variants: list[Variant], audio: torch.Tensor) -> list[tupl
     sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
     out = []
     for v in variants:
+        batches = [v.prepare(audio, v.n + i) for i in range(PROFILE_STEPS)]  # upstream's workers: not profiled
         with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(PROFILE_STEPS):
-                v.step(audio)
+            for prepared in batches:
+                v.step(audio, prepared)
             if s.cuda:
                 torch.cuda.synchronize()
         out.append((v.label, prof.key_averages().table(sort_by=sort, row_limit=25)))
@@ -389,6 +457,22 @@ def stage_table(r: StageResult) -> str:
             cells.append(f"{100 * rate * FLOP_PER_CLIP / BF16_FLOP_S:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def worker_line(r: StageResult) -> str | None:
+    """On CUDA: upstream's CPU DataLoader-worker time per clip, which (a) and (b) do not pay inside their GPU step, and
+    the worker cores needed to keep up with (a). None where no variant ran with workers (the CPU, or none timed)."""
+    times = [t for v in r.variants if v.workers for t in v.worker_times]
+    if not times:
+        return None
+    batch = r.setup.batch
+    fbank = statistics.median(t[0] for t in times) / batch
+    masks = statistics.median(t[1] for t in times) / batch
+    t_a = median_s(r.variants[0])
+    feed = (f"; feeding (a) at {batch / t_a:.1f} clips/s needs >= {(fbank + masks) * batch / t_a:.1f} worker cores "
+            "per GPU") if t_a else ""
+    return (f"CPU worker time per clip (upstream's DataLoader workers, 1 thread; outside the timed GPU step of (a) and "
+            f"(b)): fbank {1e3 * fbank:.2f} ms + masks {1e3 * masks:.2f} ms = {1e3 * (fbank + masks):.2f} ms{feed}")
 
 
 def stage_title(r: StageResult, args) -> str:
@@ -451,21 +535,26 @@ def main(argv=None) -> int:
 
     machine = machine_line()
     print(machine, flush=True)
-    fbank_be = _backend.resolve("fbank", "auto", device)
-    mask_be = _backend.resolve("inverse_block_mask", "auto", device)
+    fbank_be = _backend.base_name(_backend.resolve("fbank", "auto", device))
+    mask_be = _backend.base_name(_backend.resolve("inverse_block_mask", "auto", device))
     notes = (f"threads {torch.get_num_threads()}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
              f"median of {args.steps} round-robin steps after {args.warmup} warm-up step(s) per variant"
              f"{' (--quick)' if args.quick else ''}; fast path: eat_features[{fbank_be}], "
              f"inverse_block_mask[{mask_be}]; peak = "
              + ("max_memory_allocated above the step's start" if device.type == "cuda"
                 else "peak RSS above the step's start, fresh process per variant (see the docstring)"))
+    if device.type == "cuda":
+        notes += ("; step times from CUDA events; (a) and (b) as upstream on a GPU: fbank and masks from CPU workers "
+                  "outside the step (their time below each table), fused AdamW, multi-tensor clipping")
     print(notes, flush=True)
     stages = ["sslam", "eat"] if args.stage == "both" else [args.stage]
     results = [run_stage(args, st, device) for st in stages]
 
     blocks = []
     for r in results:
-        blocks.append("\n\n".join([stage_title(r, args), stage_table(r), agreement_line(r)]))
+        workers = worker_line(r)
+        blocks.append("\n\n".join([stage_title(r, args), stage_table(r), *([workers] if workers else []),
+                                    agreement_line(r)]))
     text = "\n\n".join(blocks)
     print()
     print(text)
