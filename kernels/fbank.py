@@ -74,12 +74,14 @@ def _emphasised(row_ptr, base, n, N, frame_ok, offset, mean, win_ptr, FRAME_LENG
 
 
 @triton.jit
-def _to_output(x, dtype: tl.constexpr):
+def _to_output(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     """fp32 -> the output dtype, rounding to nearest even.
 
-    bfloat16 is rounded by hand: the GPU's conversion rounds to nearest even, the interpreter's truncates.
+    The GPU's conversion rounds to nearest even; the interpreter's truncates, so there (``BF16_BY_HAND``) bfloat16 is
+    rounded with integer ops. Not on the GPU: the integer rounding of a 128 x 128 tile costs registers that make the
+    kernel spill on sm_90.
     """
-    if dtype == tl.bfloat16:
+    if BF16_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -87,6 +89,9 @@ def _to_output(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+# sm_90 spills: 148 bytes (bf16 output only, with the GPU's own conversion; fp32 and fp16 outputs compile with none)
+# The trainer computes its features in fp32, so the training step never launches the bf16 specialisation; a caller of
+# eat_features(dtype=torch.bfloat16) pays 148 bytes of L1-resident local memory per thread.
 @triton.jit
 def _fbank_fwd_kernel(
     wav_ptr,  # (B, N) float32, rows contiguous
@@ -118,6 +123,7 @@ def _fbank_fwd_kernel(
     PREEMPH: tl.constexpr,
     EPS: tl.constexpr,
     PRECISION: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -189,7 +195,7 @@ def _fbank_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     store_mask = (offs_t < out_frames)[:, None] & (offs_m < M)[None, :]
     out_ptrs = out_ptr + b * stride_ob + offs_t[:, None].to(tl.int64) * stride_ot + offs_m[None, :]
-    tl.store(out_ptrs, _to_output(res, out_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(out_ptrs, _to_output(res, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=store_mask)
 
 
 # --- host-side operands -----------------------------------------------------------------------------------------------
@@ -359,10 +365,29 @@ def _validate(waveforms, lengths, offsets, window, mel_banks, frame_length, fram
     return shift, scale
 
 
+def _bf16_by_hand(device_type: str) -> bool:
+    """Whether the kernel rounds bfloat16 output with integer ops: only under the interpreter (see ``_to_output``)."""
+    return device_type != "cuda"
+
+
+def _aligned_rows(waveforms: torch.Tensor) -> torch.Tensor:
+    """``waveforms`` with a row stride that is a multiple of 16 samples (a padded copy when it is not).
+
+    Triton specialises an integer argument divisible by 16 (it knows the row starts are 64-byte aligned); without
+    that hint the framing addresses of the sm_90 kernel take more registers and it spills (480 bytes, ptxas). Clips of
+    a whole number of 10 ms hops at 16 kHz (160 samples) are already aligned; other lengths pay one copy."""
+    if waveforms.stride(0) % 16 == 0:
+        return waveforms
+    B, N = waveforms.shape
+    padded = waveforms.new_empty((B, -(-N // 16) * 16))[:, :N]
+    return padded.copy_(waveforms)
+
+
 def _launch(out, waveforms, lengths, offsets, window, mel_banks, frame_length, frame_shift, n_fft, num_frames,
             out_frames, shift, scale, split=None):
     """Run the kernel into ``out`` (B, out_frames, M), which it overwrites completely. Arguments already validated."""
     split = DFT_SPLIT if split is None else bool(split)
+    waveforms = _aligned_rows(waveforms)
     B, N = waveforms.shape
     num_bins = mel_banks.shape[0]
     if B == 0 or out_frames == 0:
@@ -383,7 +408,7 @@ def _launch(out, waveforms, lengths, offsets, window, mel_banks, frame_length, f
             SPLIT=split,
             BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F, BLOCK_M=block_m,
             PREEMPH=PREEMPHASIS, EPS=LOG_FLOOR, PRECISION=DOT_PRECISION,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES[split],
+            BF16_BY_HAND=_bf16_by_hand(waveforms.device.type), num_warps=NUM_WARPS, num_stages=NUM_STAGES[split],
         )
     return out
 
