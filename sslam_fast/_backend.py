@@ -184,6 +184,11 @@ def _with_fallback(op: str, backend: str) -> Callable:
     """The kernel of ``backend`` for an ``auto`` choice: its first failure drops it and runs the next backend."""
 
     def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            # Traced by dynamo (an op whose backend is plain ATen code, not an opaque custom op): no state here, or
+            # every change of the bookkeeping below would be a guard failure and a recompilation. A kernel that
+            # fails fails the compile, loudly.
+            return _REGISTRY[op].kernels[backend](*args, **kwargs)
         device_type = _device_type_of(args)
         b = backend
         if b in _DROPPED.get((op, device_type), ()):
@@ -216,10 +221,21 @@ def available_backends(op: str, device_type: str) -> list[str]:
 
 def kernel(op: str, backend: str) -> Callable:
     """The callable of ``backend`` (as :func:`resolve` returned it) for ``op``: the kernel itself for an explicit
-    choice, the kernel behind the first-call fallback for an ``auto`` one."""
+    choice, the kernel behind the first-call fallback for an ``auto`` one.
+
+    The custom ops take the backend as a plain string and can be called directly (``torch.ops.sslam_fast.<op>``),
+    bypassing :func:`resolve`: a name this op does not implement raises ValueError naming the op, the name and the
+    valid ones (not a bare KeyError from the registry, nor one deferred to the first call under ``auto:``)."""
+    kernels = _REGISTRY[op].kernels
+    name = base_name(backend) if isinstance(backend, str) else backend
+    if name not in kernels:
+        valid = sorted(kernels)
+        raise ValueError(
+            f"{op}: backend {backend!r} is not one of this op's backends {valid} (or 'auto:<backend>' for one of them)"
+        )
     if backend.startswith(AUTO_PREFIX):
-        return _with_fallback(op, base_name(backend))
-    return _REGISTRY[op].kernels[backend]
+        return _with_fallback(op, name)
+    return kernels[backend]
 
 
 def reset_fallbacks() -> None:

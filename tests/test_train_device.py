@@ -103,6 +103,10 @@ def test_compiled_stage2_compiles_once_for_new_windows(base, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from sslam_fast import _backend
+
+    _backend.reset_fallbacks()  # as in a fresh process: no kernel has run yet (its bookkeeping must not be guarded)
+
     windows = []
     orig_inputs = loop._Stepper._inputs
 
