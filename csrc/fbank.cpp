@@ -43,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_isa.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -550,18 +551,24 @@ void check_inputs(const at::Tensor& waveforms, const at::Tensor& lengths, const 
               lengths.sizes());
   TORCH_CHECK(offsets.size(0) == batch, "fbank_cpu: offsets must have shape (B,) = (", batch, ",), got ",
               offsets.sizes());
-  TORCH_CHECK(frame_length > 0, "fbank_cpu: frame_length must be positive, got ", frame_length);
-  TORCH_CHECK(frame_shift > 0, "fbank_cpu: frame_shift must be positive, got ", frame_shift);
+  // Sizes in range before the products below and before any allocation (csrc/checks.h).
+  check_size("fbank_cpu", "frame_length", frame_length, 1);
+  check_size("fbank_cpu", "frame_shift", frame_shift, 1);
+  check_size("fbank_cpu", "num_frames", num_frames, 0);
+  check_size("fbank_cpu", "out_frames", out_frames, 0);
   TORCH_CHECK(n_fft >= frame_length, "fbank_cpu: n_fft (", n_fft, ") must be at least frame_length (", frame_length,
               ")");
+  check_size("fbank_cpu", "n_fft", n_fft, frame_length);
   TORCH_CHECK(window.size(0) == frame_length, "fbank_cpu: window must have frame_length = ", frame_length,
               " samples, got ", window.size(0));
   TORCH_CHECK(mel_banks.size(1) == n_fft / 2 + 1, "fbank_cpu: mel_banks must have n_fft/2+1 = ", n_fft / 2 + 1,
               " columns, got shape ", mel_banks.sizes());
   TORCH_CHECK(mel_banks.size(0) > 0, "fbank_cpu: mel_banks must have at least one filter, got shape ",
               mel_banks.sizes());
-  TORCH_CHECK(num_frames >= 0, "fbank_cpu: num_frames must be non-negative, got ", num_frames);
-  TORCH_CHECK(out_frames >= 0, "fbank_cpu: out_frames must be non-negative, got ", out_frames);
+  // The (B, out_frames, M) output: out_frames is a free argument (eat_features' target_length), so its product
+  // with the batch and the filters is bounded before at::empty (which would try to allocate it, then fill it).
+  checked_mul("fbank_cpu", "the output rows * out_frames * mel filters",
+              checked_mul("fbank_cpu", "the output rows * out_frames", batch, out_frames), mel_banks.size(0));
 }
 
 at::Tensor fbank_cpu(const at::Tensor& waveforms, const at::Tensor& lengths, const at::Tensor& offsets,

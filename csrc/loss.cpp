@@ -32,6 +32,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include "checks.h"
 #include "cpu_isa.h"  // SSLAM_INLINE
 
 namespace sslam_fast {
@@ -148,8 +149,13 @@ void prepare(const char* op, const at::Tensor& pred_in, const at::Tensor& target
   TORCH_CHECK(tt == at::kFloat || tt == at::kHalf || tt == at::kBFloat16, op,
               ": target must be float32, float16 or bfloat16, got ", tt);
   const int64_t R = pred_in.size(0), N = pred_in.size(1), D = pred_in.size(2);
-  TORCH_CHECK(clones >= 1, op, ": clones must be >= 1, got ", clones);
-  TORCH_CHECK(target_in.size(1) == N && target_in.size(2) == D && target_in.size(0) * clones == R, op,
+  check_size(op, "clones", clones, 1);
+  // The loss divides by sqrt(D): with no channel the sum is 0 and the result 0 * inf = NaN.
+  TORCH_CHECK(D >= 1, op, ": pred must have at least one channel (D >= 1), got shape ", pred_in.sizes());
+  // B * clones with overflow detection: a wrapped product could equal R and pass the shape check.
+  int64_t rows = 0;
+  const bool overflow = c10::mul_overflows(target_in.size(0), clones, &rows);
+  TORCH_CHECK(!overflow && target_in.size(1) == N && target_in.size(2) == D && rows == R, op,
               ": target must have shape (R / clones, N, D) = (", R / clones, ", ", N, ", ", D, ") for pred ",
               pred_in.sizes(), " and clones ", clones, ", got ", target_in.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask.scalar_type());

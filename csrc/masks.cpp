@@ -18,7 +18,7 @@
 // Uniform integers in [0, m) use Lemire's multiply-and-reject (exactly uniform). The reference draws centres with
 // torch.randint, so the bits differ from the reference; the distribution is the same (tests/test_masks.py).
 //
-// keep < 0 skips step 3 and returns the raw union of blocks (a diagnostic used by the tests).
+// keep = -1 skips step 3 and returns the raw union of blocks (a diagnostic used by the tests).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +30,8 @@
 #include <limits>
 #include <utility>
 #include <vector>
+
+#include "checks.h"
 
 namespace sslam_fast {
 namespace {
@@ -181,13 +183,19 @@ void fill_rows(uint8_t* const out_base, int64_t begin, int64_t end, int64_t H, i
 
 at::Tensor inverse_block_mask_cpu(int64_t rows, int64_t H, int64_t W, int64_t n_centers, int64_t mask_length,
                                   int64_t keep, int64_t seed) {
-  TORCH_CHECK(rows >= 0, "inverse_block_mask_cpu: rows must be >= 0, got ", rows);
-  TORCH_CHECK(H >= 1 && W >= 1, "inverse_block_mask_cpu: the grid must be at least 1 x 1, got ", H, " x ", W);
-  TORCH_CHECK(H * W < std::numeric_limits<int32_t>::max(), "inverse_block_mask_cpu: H * W too large");
-  TORCH_CHECK(n_centers >= 0, "inverse_block_mask_cpu: n_centers must be >= 0, got ", n_centers);
-  TORCH_CHECK(mask_length >= 1, "inverse_block_mask_cpu: mask_length must be >= 1, got ", mask_length);
-  TORCH_CHECK(keep <= H * W, "inverse_block_mask_cpu: keep must be <= H * W = ", H * W, ", got ", keep);
-  at::Tensor out = at::empty({rows, H * W}, at::TensorOptions().dtype(at::kBool));
+  constexpr const char* op = "inverse_block_mask_cpu";
+  // Each factor in range before any product (csrc/checks.h): H * W of two int64 can wrap to a small or zero L that
+  // passes a "< INT32_MAX" test, and the block fill then writes past the L-byte buffers (or below(0) divides by 0).
+  check_size(op, "rows", rows, 0);
+  check_size(op, "H", H, 1);
+  check_size(op, "W", W, 1);
+  // L <= int32: tokens are listed as int32 and drawn with a 32-bit bound (RowRng::below).
+  const int64_t L = checked_mul(op, "the grid H * W", H, W, kMaxSize);
+  check_size(op, "n_centers", n_centers, 0, L);  // more centres than cells only repeats them: a runaway loop
+  check_size(op, "mask_length", mask_length, 1);
+  check_size(op, "keep", keep, -1, L);  // -1: no fix-up (the raw union, a diagnostic)
+  checked_mul(op, "the output rows * (H * W)", rows, L);
+  at::Tensor out = at::empty({rows, L}, at::TensorOptions().dtype(at::kBool));
   uint8_t* const out_base = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   at::parallel_for(0, rows, kGrainRows, [=](int64_t begin, int64_t end) {
     fill_rows(out_base, begin, end, H, W, n_centers, mask_length, keep, static_cast<uint64_t>(seed));

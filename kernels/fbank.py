@@ -187,7 +187,9 @@ def _fbank_fwd_kernel(
                 mp = mel_ptr + offs_f[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
                 mel = tl.dot(re * re + im * im, tl.load(mp), mel, input_precision=PRECISION)
 
-        logmel = (tl.log(tl.maximum(mel, EPS)) - shift) * scale
+        # The floor as a select, not tl.maximum: that drops NaN (an overflowed power spectrum came out as log(eps),
+        # finite and wrong), where torch.max in torchaudio and the other backends keep it.
+        logmel = (tl.log(tl.where(mel < EPS, EPS, mel)) - shift) * scale
         res = tl.where(frame_ok[:, None], logmel, fill)
     else:
         res = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32) + fill

@@ -101,12 +101,37 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
-def check_positive_int(name: str, value) -> int:
+# Size limits. Every int that sizes a buffer is refused above MAX_SIZE, and every output an op sizes from its int
+# arguments (rather than from its input tensors) is refused above MAX_ELEMENTS, before anything is allocated: an
+# absurd size (a typo, a wrapped negative, 2**63 - 1) then raises a ValueError naming the argument instead of failing
+# in the allocator, being killed for memory, or looping for hours. int32 is the natural line: the kernels index a row
+# or a grid with int32 (the Triton kernels' offsets, the C++ mask kernel's token lists), and 2**31 elements (8 GiB of
+# float32) is far beyond any batch this package is meant for (an EAT batch of features is 12 x 1024 x 128 = 1.6M).
+# The C++ ops enforce the same limits (csrc/checks.h).
+MAX_SIZE = 2**31 - 1
+MAX_ELEMENTS = 2**31 - 1
+
+
+def check_positive_int(name: str, value, *, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
     return value
+
+
+def check_elements(what: str, **factors: int) -> int:
+    """Raise ValueError when the product of ``factors`` (name=value, the sizes that make ``what``) exceeds
+    :data:`MAX_ELEMENTS`; return the product. Python ints do not overflow, so the product is exact."""
+    n = 1
+    for v in factors.values():
+        n *= int(v)
+    if n > MAX_ELEMENTS:
+        named = " x ".join(f"{k}={v}" for k, v in factors.items())
+        raise ValueError(f"{what} would have {named} = {n} elements, more than the limit of {MAX_ELEMENTS} (2**31 - 1)")
+    return n
 
 
 def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> torch.Tensor:

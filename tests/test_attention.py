@@ -240,6 +240,39 @@ def test_auto_on_cpu_is_cpp(monkeypatch):
         assert _backend.base_name(_backend.resolve("attention", "auto", "cpu")) == "triton"
 
 
+@pytest.mark.parametrize("L", [1, 2, 9, 17, 103])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
+@pytest.mark.parametrize("where,value", [("q", float("nan")), ("k", float("nan")), ("v", float("nan")),
+                                         ("q", float("inf")), ("q", float("-inf"))])
+def test_cpp_propagates_nan_like_the_reference(where, value, dtype, L):
+    """ATen's CPU flash kernel gave zeros for a query row with NaN (L <= 9) and for a head with NaN in k (L = 1) where
+    the reference (and the docstring) give NaN. The cpp backend must put NaN exactly where the reference does (a row
+    for q, the head for k, a channel for v), and agree elsewhere."""
+    q, k, v, _ = (t.to(dtype) for t in _inputs(2, 3, L, 64, torch.float32, "cpu"))
+    {"q": q, "k": k, "v": v}[where][1, 2, L // 2, 7] = value
+    want = ref.attention(q, k, v).float()
+    got = attention(q, k, v, backend="cpp").float()
+    assert want.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan()), f"NaN at {got.isnan().sum()} places, reference {want.isnan().sum()}"
+    ok = ~want.isnan()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[ok], want[ok], rtol=0, atol=1e-4)
+    else:  # the low-precision criterion of _check_low_precision, against the fp32 reference on the same inputs
+        fp32 = ref.attention(q.float(), k.float(), v.float())
+        assert _max_err(got[ok], fp32[ok]) <= 2 * _max_err(want[ok], fp32[ok]) + 1e-4
+
+
+def test_cpp_nan_guard_keeps_finite_results_and_gradients_bit_equal():
+    """The guard adds exact zeros for finite rows: the output and SDPA's own gradients are unchanged, bit for bit."""
+    q, k, v, do = _inputs(2, 3, 17, 64, torch.float32, "cpu")
+    got = _run(lambda q, k, v: attention(q, k, v, backend="cpp"), q, k, v, do, torch.float32)
+    scale = ref.softmax_scale(64)
+    want = _run(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), q, k, v, do,
+                torch.float32)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(g, w), name
+
+
 # --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
 

@@ -283,6 +283,90 @@ def test_bad_input_is_named(call, exc, needle):
         call()
 
 
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"norm_std": float("inf")}, "norm_std"),
+        ({"norm_std": float("nan")}, "norm_std"),
+        ({"norm_std": -4.569}, "norm_std"),
+        ({"norm_mean": float("nan")}, "norm_mean"),
+        ({"norm_mean": float("inf")}, "norm_mean"),
+        ({"norm_mean": -float("inf")}, "norm_mean"),
+    ],
+)
+def test_eat_features_refuses_non_finite_normalisation(kwargs, needle):
+    # norm_std=inf gave all-zero features and norm_mean=nan all-NaN ones, silently
+    with pytest.raises(ValueError, match=needle):
+        eat_features(torch.zeros(1, 800), **kwargs)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("op", ["eat_features", "kaldi_fbank"])
+def test_overflowing_features_of_finite_input_raise(op, backend):
+    """A finite but huge waveform (1e30) passes the input check, but its power spectrum overflows float32 and the
+    features came out inf / NaN. A value check raises; with value checks off (the trainer's steady state, no host
+    sync) the op returns them as they are."""
+    from sslam_fast._checks import value_checks
+
+    fn = {"eat_features": eat_features, "kaldi_fbank": kaldi_fbank}[op]
+    x = signals(row_size(backend))["noise"][None] * 1e30
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="features are not finite"):
+        fn(x, backend=backend)
+    with value_checks(False):
+        out = fn(x, backend=backend)
+    assert not torch.isfinite(out).all()
+    assert torch.isfinite(fn(x * 1e-30, backend=backend)).all()
+
+
+@pytest.mark.parametrize(
+    "call,needle",
+    [
+        (lambda: kaldi_fbank(torch.zeros(1, 800), sample_rate=2**31), "sample_rate"),
+        (lambda: kaldi_fbank(torch.zeros(1, 800), sample_rate=(1 << 20) + 1), "sample_rate"),
+        (lambda: kaldi_fbank(torch.zeros(1, 800), num_mel_bins=4097), "num_mel_bins"),
+        (lambda: eat_features(torch.zeros(1, 800), target_length=2**31), "target_length"),
+        (lambda: eat_features(torch.zeros(4, 800), target_length=2**22), "target_length"),  # 2**31 output elements
+        (lambda: eat_features(torch.zeros(1, 800), sample_rate=2**63 - 1), "sample_rate"),
+        # under the rate cap, but shares no factor with 16 kHz: a 16000 x 1e6 resampling filter
+        (lambda: eat_features(torch.zeros(1, 800), sample_rate=1_000_003), "sample_rate"),
+        (lambda: torch.ops.sslam_fast.kaldi_fbank(torch.zeros(1, 800), torch.tensor([800]), 2**40, 16000, 128,
+                                                  "reference"), "num_frames"),
+        (lambda: torch.ops.sslam_fast.eat_features(torch.zeros(1, 800), torch.tensor([800]), 2**40, 0.0, 1.0,
+                                                   torch.float32, "reference"), "target_length"),
+    ],
+)
+def test_huge_sizes_are_refused_before_allocating(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call()
+
+
+def test_rate_limits_accept_real_rates():
+    x = torch.randn(1, 4410) * 0.1
+    for sr in (8000, 11025, 22050, 44100, 48000, 96000, 192000):
+        assert eat_features(x, sample_rate=sr, target_length=8, backend="reference").shape == (1, 1, 8, 128)
+
+
+@pytest.mark.skipif(not _backend.extension_has("fbank_fused"), reason="sslam_fast._C not built")
+def test_cpp_op_refuses_sizes_before_allocating():
+    x, lengths = torch.zeros(2, 800), torch.tensor([800, 800])
+    window, banks = ref.hanning(400, "cpu"), ref.mel_banks(128, 512, 16000, "cpu")
+
+    def call(frame_length=400, frame_shift=160, n_fft=512, num_frames=3, out_frames=4):
+        return torch.ops.sslam_fast.fbank_fused(x, lengths, torch.zeros(2), window, banks, frame_length, frame_shift,
+                                                n_fft, num_frames, out_frames, 0.0, 1.0)
+
+    assert call().shape == (2, 4, 128)
+    with pytest.raises(RuntimeError, match="out_frames must lie in"):
+        call(out_frames=2**31)
+    with pytest.raises(RuntimeError, match="out_frames \\* mel filters"):
+        call(out_frames=2**23)  # 2 x 2**23 x 128 = 2**31 elements: refused before at::empty
+    with pytest.raises(RuntimeError, match="frame_shift must lie in"):
+        call(frame_shift=-(2**63))
+    with pytest.raises(RuntimeError, match="num_frames must lie in"):
+        call(num_frames=-1)
+
+
 def test_unavailable_explicit_backend_raises():
     with pytest.raises(RuntimeError, match="cuda"):
         kaldi_fbank(torch.zeros(1, 800), backend="cuda")

@@ -180,6 +180,30 @@ def test_bad_input():
         masked_mse(pred, target, mask, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_channels_is_refused(backend):
+    """D = 0 returned NaN (a sum of nothing divided by sqrt(0)): refused, by the public op and by the custom op."""
+    dev = _dev(backend)
+    pred, target, mask = (t.detach() for t in _inputs(4, 5, 0, 2, device=dev))
+    with pytest.raises(ValueError, match="D > 0"):
+        masked_mse(pred, target, mask, backend=backend)
+    with pytest.raises(ValueError, match="D > 0"):
+        torch.ops.sslam_fast.masked_mse(pred, target, mask, 2, backend)
+    with pytest.raises(ValueError, match="D > 0"):
+        torch.ops.sslam_fast.masked_mse_backward(torch.tensor(1.0, device=dev), pred, target, mask, 2, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_checks_clones(backend):
+    """The custom op is callable directly: clones is checked against the shapes before the reference's
+    repeat_interleave(clones) allocates from it."""
+    dev = _dev(backend)
+    pred, target, mask = (t.detach() for t in _inputs(6, 5, 8, 2, device=dev))
+    for clones in (0, -1, 3, 2**40, 2**63 - 1):
+        with pytest.raises(ValueError, match="clones"):
+            torch.ops.sslam_fast.masked_mse(pred, target, mask, clones, backend)
+
+
 # --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
 
@@ -253,6 +277,20 @@ def test_cpp_ops_opcheck():
     torch.library.opcheck(
         torch.ops.sslam_fast.masked_mse_backward_cpu.default, (torch.tensor(1.5), pred, target, mask, 3)
     )
+
+
+@needs_cpp
+def test_cpp_ops_refuse_a_wrapping_clone_count_and_no_channels():
+    """target rows x clones overflowed int64 in the shape check: 4 x (2**62 + 1) wraps to 4 and passed for 4 rows of
+    pred. D = 0 gave NaN (0 / sqrt(0))."""
+    pred, target, mask = (t.detach() for t in _inputs(4, 5, 8, 1, device="cpu"))
+    for f in (torch.ops.sslam_fast.masked_mse_cpu,
+              lambda *a: torch.ops.sslam_fast.masked_mse_backward_cpu(torch.tensor(1.0), *a)):
+        for clones in (2**62 + 1, 2**63 - 1):
+            with pytest.raises(RuntimeError, match="clones must lie in"):
+                f(pred, target, mask, clones)
+        with pytest.raises(RuntimeError, match="at least one channel"):
+            f(pred[..., :0], target[..., :0], mask, 1)
 
 
 @needs_cpp

@@ -9,6 +9,9 @@ how far an implementation of the same distribution can plausibly land, not how f
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -403,6 +406,95 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, exc, name):
     args.update(kwargs)
     with pytest.raises(exc, match=name):
         inverse_block_mask(args.pop("batch_size"), args.pop("clones"), **args)
+
+
+def _run_isolated(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter: a segfault or a runaway loop fails the test instead of the test run."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s:\n{textwrap.dedent(code)}")
+
+
+@needs_cpp
+def test_wrapping_grid_sizes_raise_instead_of_crashing():
+    """H * W that overflows int64 wrapped to a small size that passed the grid check, and the block fill wrote past
+    the buffers (a segfault, exit 139). Both the raw C++ op and the public op must raise, naming the grid."""
+    res = _run_isolated("""
+        import torch
+        import sslam_fast.ops
+        from sslam_fast.ops import inverse_block_mask
+        calls = [
+            lambda: torch.ops.sslam_fast.inverse_block_mask_cpu(1, 2**32, 2**32, 1, 5, -1, 0),
+            lambda: torch.ops.sslam_fast.inverse_block_mask_cpu(1, 2**63 - 1, 2**63 - 1, 1, 5, -1, 0),
+            lambda: inverse_block_mask(1, 1, grid=(2**40 + 1, 2**24), mask_prob=0.9999999999999, mask_prob_adjust=0.0),
+            lambda: inverse_block_mask(1, 1, grid=(2**32, 2**32)),
+        ]
+        for call in calls:
+            try:
+                call()
+                print("returned")
+            except (ValueError, RuntimeError) as exc:
+                print(type(exc).__name__, "|", str(exc).splitlines()[0])
+    """)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 4, res.stdout
+    assert all(line.startswith("RuntimeError |") and " H " in line for line in lines[:2]), lines
+    assert all(line.startswith("ValueError |") and "grid" in line for line in lines[2:]), lines
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mask_prob_adjust_out_of_range_is_refused_at_once(backend):
+    """mask_prob_adjust=1e12 asked for 2e13 block centres a row: the call ran for hours. Refused, in a subprocess with
+    a timeout so that a regression fails instead of hanging the suite."""
+    res = _run_isolated(f"""
+        from sslam_fast.ops import inverse_block_mask
+        for kw in [dict(mask_prob_adjust=1e12), dict(mask_prob_adjust=1.5), dict(mask_prob_adjust=-0.01),
+                   dict(mask_prob_adjust=-1e12), dict(mask_prob=0.5, mask_length=1, mask_prob_adjust=0.6)]:
+            try:
+                inverse_block_mask(2, 3, backend={backend!r}, device={DEVICE[backend]!r}, **kw)
+                print("returned")
+            except ValueError as exc:
+                print("ValueError |", exc)
+    """)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert len(lines) == 5 and all(line.startswith("ValueError |") for line in lines), res.stdout
+    assert all("mask_prob_adjust" in line for line in lines), lines
+    assert "cells" in lines[-1]  # 1 - 0.5 + 0.6 = 1.1 centres per cell: more centres than cells
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_mask_prob_adjust_bounds_are_accepted(backend):
+    for adjust in (0.0, 1.0):
+        m = inverse_block_mask(2, 3, mask_prob_adjust=adjust, backend=backend, device=DEVICE[backend],
+                               generator=torch.Generator().manual_seed(1))
+        assert ((~m).sum(1) == 102).all()
+
+
+@needs_cpp
+def test_cpp_op_refuses_more_centres_than_cells_and_bad_keep():
+    f = torch.ops.sslam_fast.inverse_block_mask_cpu
+    with pytest.raises(RuntimeError, match="n_centers must lie in \\[0, 512\\]"):
+        f(2, 64, 8, 513, 5, 102, 0)
+    with pytest.raises(RuntimeError, match="keep must lie in \\[-1, 512\\]"):
+        f(2, 64, 8, 5, 5, -2, 0)
+    with pytest.raises(RuntimeError, match="rows \\* \\(H \\* W\\)"):
+        f(2**22, 64, 8, 5, 5, 102, 0)  # 2**31 cells: refused before allocating 2 GiB
+    assert f(2, 64, 8, 512, 5, -1, 0).shape == (2, 512)  # the bounds themselves are valid
+
+
+def test_custom_op_checks_its_sizes():
+    """The custom op is callable directly (torch.ops.sslam_fast.inverse_block_mask): its ints are checked there too,
+    before a backend loops over n_centers or allocates from them."""
+    with pytest.raises(ValueError, match="n_centers"):
+        OP(2, 3, 64, 8, 10**12, 5, 102, 7, torch.device("cpu"), "reference")
+    with pytest.raises(ValueError, match="grid"):
+        OP(1, 1, 2**20, 2**20, 1, 5, -1, 7, torch.device("cpu"), "reference")  # each side fine, 2**40 cells
+    with pytest.raises(ValueError, match="batch_size"):
+        OP(2**31, 16, 64, 8, 5, 5, 102, 7, torch.device("cpu"), "reference")
 
 
 # --- mask_indices -----------------------------------------------------------------------------------------------------

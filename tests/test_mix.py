@@ -305,6 +305,39 @@ def test_partial_max_mix_bad_input():
             partial_max_mix(x, ok, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("snr", [-1000.0, 1000.0, -200.5, 1e30])
+def test_mix_waveforms_refuses_snr_out_of_range(snr, backend):
+    """snr_db=-1000 gave a gain of 1e50: an all inf / NaN mix; +1000 a gain of 0: the mix was a, silently."""
+    a, b = _pair(2, 100)
+    with pytest.raises(ValueError, match="snr_db must lie in"):
+        mix_waveforms(a, b, snr, backend=backend)
+    with pytest.raises(ValueError, match="snr_db must lie in"):  # a tensor's range is a value check
+        mix_waveforms(a, b, torch.tensor([0.0, snr], device=DEV), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mix_waveforms_snr_range_bounds_are_finite(backend):
+    a, b = _pair(3, 100)
+    for snr in (-200.0, 200.0):
+        assert torch.isfinite(mix_waveforms(a, b, snr, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mix_waveforms_overflowing_mix_raises(backend):
+    """Within the SNR range the gain is finite, but in float16 (max 65504) the scaled partner can overflow: a value
+    check raises. With value checks off (the trainer's steady state) neither the range of a tensor snr_db nor the
+    mix is read back."""
+    from sslam_fast._checks import value_checks
+
+    a, b = _pair(2, 100, torch.float16)
+    with pytest.raises(ValueError, match="mix is not finite"):
+        mix_waveforms(a, b, -150.0, backend=backend)
+    with value_checks(False):
+        out = mix_waveforms(a, b, torch.tensor([-150.0, -1000.0], device=DEV), backend=backend)
+    assert not torch.isfinite(out).all()
+
+
 def test_mix_waveforms_bad_input():
     a, b = torch.randn(2, 100), torch.randn(2, 100)
     with pytest.raises(ValueError, match="a must"):

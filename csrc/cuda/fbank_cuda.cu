@@ -16,6 +16,8 @@
 
 #include <cuda_runtime.h>
 
+#include "../checks.h"
+
 namespace sslam_fast {
 namespace {
 
@@ -123,13 +125,32 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, co
   TORCH_CHECK(mel_banks.is_cuda() && mel_banks.dim() == 2 && mel_banks.size(1) == n_fft / 2 + 1 &&
                   mel_banks.scalar_type() == at::kFloat,
               "mel_banks must be a (M, n_fft/2+1) float32 CUDA tensor");
-  TORCH_CHECK(frame_length > 0 && frame_shift > 0 && n_fft >= frame_length && out_frames >= 0 && num_frames >= 0,
-              "bad frame geometry");
-  const c10::cuda::CUDAGuard guard(waveforms.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  // Sizes in range before any product and any allocation (csrc/checks.h), then the launch limits: a launch the
+  // driver refuses would raise too, but only after the output and frame buffers were allocated, and with a message
+  // ("invalid argument") that names no argument.
+  constexpr const char* op = "fbank_cuda";
+  check_size(op, "frame_length", frame_length, 1);
+  check_size(op, "frame_shift", frame_shift, 1);
+  check_size(op, "num_frames", num_frames, 0);
+  check_size(op, "out_frames", out_frames, 0);
+  TORCH_CHECK(n_fft >= frame_length, op, ": n_fft (", n_fft, ") must be at least frame_length (", frame_length, ")");
+  check_size(op, "n_fft", n_fft, frame_length);
   const int64_t B = waveforms.size(0);
   const int64_t M = mel_banks.size(0);
   const int64_t T = std::min(num_frames, out_frames);
+  // B * T <= B * out_frames also bounds the frame buffer's rows and frame_kernel's grid (<= 2^31 - 1 blocks).
+  const int64_t rows_frames = checked_mul(op, "the output rows * out_frames", B, out_frames);
+  checked_mul(op, "the output rows * out_frames * mel filters", rows_frames, M);
+  const c10::cuda::CUDAGuard guard(waveforms.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(B <= prop->maxGridSize[1], op, ": the batch (", B, " rows) exceeds the launch grid's y limit (",
+              prop->maxGridSize[1], ")");
+  const size_t smem_limit = prop->sharedMemPerBlock;
+  TORCH_CHECK(static_cast<size_t>(frame_length + 32) * sizeof(float) <= smem_limit, op, ": frame_length (",
+              frame_length, " samples) does not fit the kernel's shared memory (", smem_limit, " bytes a block)");
+  TORCH_CHECK(static_cast<size_t>(n_fft / 2 + 1) * sizeof(float) <= smem_limit, op, ": n_fft (", n_fft,
+              ") gives more bins than the kernel's shared memory holds (", smem_limit, " bytes a block)");
+  const auto stream = at::cuda::getCurrentCUDAStream();
   auto out = at::empty({B, out_frames, M}, waveforms.options());
   if (B == 0 || out_frames == 0) return out;
 

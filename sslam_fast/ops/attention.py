@@ -41,9 +41,32 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
+def _nan_guard(q, k):
+    """A (B, H, L, 1) fp32 tensor that is 0 where the reference's output row is finite and NaN where a non-finite q
+    row or a NaN in k makes it NaN; added to SDPA's output, without a host sync.
+
+    ATen's CPU flash kernel takes a row's running maximum with comparisons that skip NaN (its scalar path, for rows
+    of fewer than 16 keys), so a row whose scores are all NaN looks fully masked and comes out as zeros: a NaN or
+    +-inf in q with L <= 9 (measured), a NaN in k with L = 1. The reference gives NaN there:
+      * a q row with NaN or +-inf: its scores hold NaN, inf - inf or 0 * inf, so the row is NaN. ``0 * min + 0 * max``
+        of the row is 0 for finite values (no sum that could overflow) and NaN otherwise;
+      * a NaN anywhere in k[b, h]: every score of the head is NaN, so the whole head is NaN. Only NaN: an infinity in
+        k leaves some rows finite (a -inf score has weight 0), and the kernel already matches the reference there.
+    NaN in v propagates through the kernel's sums. Computed out of autograd: the gradients stay SDPA's own."""
+    with torch.no_grad():
+        # amax and amin, not aminmax: the fused one is not vectorised over a short last dim (60x slower, measured)
+        lo, hi = q.amin(dim=-1, keepdim=True), q.amax(dim=-1, keepdim=True)
+        k_nan = torch.isnan(k.amax(dim=(-2, -1), keepdim=True))  # amax propagates NaN; (B, H, 1, 1)
+        return lo.float() * 0.0 + hi.float() * 0.0 + torch.where(k_nan, float("nan"), 0.0)
+
+
 def _attention_cpp(q, k, v):
     # ATen's CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``); same scale as upstream.
-    return F.scaled_dot_product_attention(q, k, v, scale=ref.softmax_scale(q.shape[-1]))
+    out = F.scaled_dot_product_attention(q, k, v, scale=ref.softmax_scale(q.shape[-1]))
+    guard = _nan_guard(q, k).to(out.dtype)  # NaN stays NaN, as the docstring promises
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return out + guard  # SDPA's backward saved out: no in-place change of it
+    return out.add_(guard)  # no new (B, H, L, D) buffer (measured: the allocation cost more than the guard)
 
 
 def _attention_cuda(q, k, v):

@@ -17,7 +17,7 @@ import numbers
 import torch
 
 from sslam_fast import _backend
-from sslam_fast._checks import check_tensor
+from sslam_fast._checks import MAX_SIZE, check_tensor
 from sslam_fast.reference import training as ref
 
 __all__ = ["masked_mse"]
@@ -78,10 +78,25 @@ if _backend.extension_has("masked_mse_cpu"):  # so that opcheck / FakeTensor can
 # --- custom ops -------------------------------------------------------------------------------------------------------
 
 
+def _check_op_sizes(pred: torch.Tensor, target: torch.Tensor, clones: int) -> None:
+    """The custom ops are callable directly (torch.ops.sslam_fast.masked_mse): clones and D are checked from the
+    tensors' shapes (metadata only), before the reference's ``repeat_interleave(clones)`` allocates from them."""
+    if pred.dim() != 3 or target.dim() != 3:
+        return  # the kernels name the bad shape
+    if not 1 <= clones <= MAX_SIZE or target.shape[0] * clones != pred.shape[0]:
+        raise ValueError(
+            f"clones must lie in [1, {MAX_SIZE}] with pred rows = target rows x clones, got clones={clones} for pred "
+            f"{tuple(pred.shape)} and target {tuple(target.shape)}"
+        )
+    if pred.shape[2] == 0:
+        raise ValueError(f"pred must have at least one channel (D > 0), got shape {tuple(pred.shape)}")
+
+
 @torch.library.custom_op("sslam_fast::masked_mse", mutates_args=())
 def _masked_mse_op(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, clones: int, backend: str
 ) -> torch.Tensor:
+    _check_op_sizes(pred, target, clones)
     return _backend.kernel("masked_mse", backend)(pred, target, mask, clones)
 
 
@@ -94,6 +109,7 @@ def _(pred, target, mask, clones, backend):
 def _masked_mse_backward_op(
     grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, clones: int, backend: str
 ) -> torch.Tensor:
+    _check_op_sizes(pred, target, clones)
     return _backend.kernel("masked_mse_backward", backend)(grad, pred, target, mask, clones)
 
 
@@ -161,6 +177,8 @@ def masked_mse(
     check_tensor("target", target, ndim=3, dtypes=_DTYPES, device=pred.device)
     check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,), device=pred.device)
     R, N, D = pred.shape
+    if D == 0:  # the loss divides by sqrt(D): no channel would give 0 / 0 = NaN
+        raise ValueError(f"pred must have at least one channel (D > 0), got shape {tuple(pred.shape)}")
     if target.shape[1:] != pred.shape[1:]:
         raise ValueError(f"target must have shape (B, {N}, {D}) like pred (R, N, D), got {tuple(target.shape)}")
     if mask.shape != (R, N):
@@ -171,8 +189,8 @@ def masked_mse(
             raise ValueError(f"target rows ({B}) must divide pred rows ({R}) (R = B * clones)")
         clones = R // B if B else 1
     else:
-        if isinstance(clones, bool) or not isinstance(clones, numbers.Integral) or clones <= 0:
-            raise ValueError(f"clones must be a positive int, got {clones!r}")
+        if isinstance(clones, bool) or not isinstance(clones, numbers.Integral) or not 0 < clones <= MAX_SIZE:
+            raise ValueError(f"clones must be a positive int (at most {MAX_SIZE}), got {clones!r}")
         if R != B * clones:
             raise ValueError(f"clones: pred has {R} rows but target has {B} rows x {clones} clones = {B * clones}")
     chosen = _backend.resolve("masked_mse", backend, pred.device)

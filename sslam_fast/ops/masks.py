@@ -24,7 +24,16 @@ import numbers
 import torch
 
 from sslam_fast import _backend
-from sslam_fast._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive_int, check_tensor
+from sslam_fast._checks import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    MAX_ELEMENTS,
+    MAX_SIZE,
+    check_elements,
+    check_finite,
+    check_positive_int,
+    check_tensor,
+)
 from sslam_fast.reference import masks as ref
 
 __all__ = ["inverse_block_mask", "mask_indices"]
@@ -90,6 +99,9 @@ def _inverse_block_mask_op(
     device: torch.device,
     backend: str,
 ) -> torch.Tensor:
+    # The op is callable directly (torch.ops.sslam_fast.inverse_block_mask): its sizes are checked here too, since
+    # the kernels loop over n_centers and allocate from these ints (ints only: no tensor is read).
+    _check_kernel_sizes(batch_size, clones, H, W, n_centers, mask_length, keep)
     return _backend.kernel("inverse_block_mask", backend)(
         batch_size, clones, H, W, n_centers, mask_length, keep, seed, device
     )
@@ -111,7 +123,32 @@ def _check_grid(grid) -> tuple[int, int]:
         raise TypeError(f"grid must hold ints, got ({type(H).__name__}, {type(W).__name__})")
     if H <= 0 or W <= 0:
         raise ValueError(f"grid must hold positive sizes, got {tuple(grid)}")
+    # The kernels list a row's tokens as int32 and draw them with a 32-bit bound (the triton one takes far fewer).
+    if H * W > MAX_SIZE:
+        raise ValueError(f"grid {H} x {W} has {H * W} cells; at most {MAX_SIZE} (2**31 - 1) are supported")
     return int(H), int(W)
+
+
+def _check_kernel_sizes(batch_size, clones, H, W, n_centers, mask_length, keep) -> None:
+    """The int arguments of the custom op, in the ranges the kernels handle (ValueError naming the argument): every
+    product below is exact (Python ints), so nothing wraps before the C++ op's own checks (csrc/masks.cpp)."""
+    for name, value, low, high in (
+        ("batch_size", batch_size, 0, MAX_ELEMENTS),
+        ("clones", clones, 0, MAX_ELEMENTS),
+        ("H", H, 1, MAX_SIZE),
+        ("W", W, 1, MAX_SIZE),
+        ("mask_length", mask_length, 1, MAX_SIZE),
+    ):
+        if not low <= value <= high:
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    L = H * W
+    if L > MAX_SIZE:
+        raise ValueError(f"grid {H} x {W} has {L} cells; at most {MAX_SIZE} (2**31 - 1) are supported")
+    if not 0 <= n_centers <= L:
+        raise ValueError(f"n_centers must lie in [0, {L}] (the grid cells), got {n_centers}")
+    if not -1 <= keep <= L:
+        raise ValueError(f"keep must be -1 (no fix-up) or lie in [0, {L}] (the grid cells), got {keep}")
+    check_elements("the mask batch", batch_size=batch_size, clones=clones, cells=L)
 
 
 def _check_real(name: str, value) -> float:
@@ -168,8 +205,9 @@ def inverse_block_mask(
         grid: (H, W) = (time patches, frequency patches); token n = W * t + f.
         mask_prob: 0 < mask_prob < 1; upstream keeps ``keep = int(H*W * (1 - mask_prob))`` tokens a row (102 of 512).
         mask_length: side of the square blocks (>= 1; blocks are cut at the grid border).
-        mask_prob_adjust: added to the keep ratio when choosing the number of block centres,
-            ``n_centers = int(H*W * ((1 - mask_prob + mask_prob_adjust) / mask_length**2))`` (5 for the defaults).
+        mask_prob_adjust: in [0, 1], added to the keep ratio when choosing the number of block centres,
+            ``n_centers = int(H*W * ((1 - mask_prob + mask_prob_adjust) / mask_length**2))`` (5 for the defaults),
+            which must not exceed the H*W cells (upstream EAT uses 0.07, fairseq's default is 0).
         generator: a CPU ``torch.Generator``, or None for the default CPU generator (what upstream uses). One 64-bit
             seed is drawn from it per call; the same generator state gives the same masks for a given backend.
         device: where the result lives (default CPU).
@@ -182,24 +220,30 @@ def inverse_block_mask(
         (batch_size * clones, H*W) bool on ``device``, True = masked; clip-major (row ``b * clones + k`` is clone k of
         clip b); exactly ``keep`` False entries on every row.
     """
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("clones", clones)
+    check_positive_int("batch_size", batch_size, maximum=MAX_ELEMENTS)
+    check_positive_int("clones", clones, maximum=MAX_ELEMENTS)
     H, W = _check_grid(grid)
+    L = H * W
+    check_elements("the mask batch", batch_size=batch_size, clones=clones, cells=L)  # before anything is drawn
     mask_prob = _check_real("mask_prob", mask_prob)
     if not 0.0 < mask_prob < 1.0:
         raise ValueError(f"mask_prob must lie strictly between 0 and 1, got {mask_prob}")
     if isinstance(mask_length, bool) or not isinstance(mask_length, numbers.Integral):
         raise TypeError(f"mask_length must be an int, got {type(mask_length).__name__}")
-    if mask_length < 1:
-        raise ValueError(f"mask_length must be >= 1, got {mask_length}")
+    if not 1 <= mask_length <= MAX_SIZE:
+        raise ValueError(f"mask_length must lie in [1, {MAX_SIZE}], got {mask_length}")
     mask_prob_adjust = _check_real("mask_prob_adjust", mask_prob_adjust)
+    # An adjustment, not a ratio of its own: upstream adds it to the keep ratio 1 - mask_prob (EAT: 0.07). Outside
+    # [0, 1] it is a mistake, and a huge one asks for more block centres than there are cells: every kernel loops
+    # over the centres (1e12 ran for hours).
+    if not 0.0 <= mask_prob_adjust <= 1.0:
+        raise ValueError(f"mask_prob_adjust must lie in [0, 1], got {mask_prob_adjust}")
     n_centers, keep = ref.mask_counts((H, W), mask_prob, int(mask_length), mask_prob_adjust)
-    if n_centers < 0:
+    if n_centers > L:
         raise ValueError(
-            f"mask_prob_adjust={mask_prob_adjust} makes the number of block centres negative ({n_centers}); "
-            f"need 1 - mask_prob + mask_prob_adjust >= 0"
+            f"mask_prob_adjust={mask_prob_adjust} with mask_prob={mask_prob} and mask_length={mask_length} asks for "
+            f"{n_centers} block centres a row, more than the {L} cells of the grid"
         )
-    L = H * W
     if not 1 <= keep <= L - 1:
         raise ValueError(
             f"mask_prob={mask_prob} with grid {H} x {W} keeps {keep} of {L} tokens a row; need 1 <= kept <= {L - 1}"

@@ -21,6 +21,7 @@ from sslam_fast import _backend
 from sslam_fast._checks import (
     FLOAT_DTYPES,
     INT_DTYPES,
+    MAX_SIZE,
     check_finite,
     check_positive_int,
     check_tensor,
@@ -153,6 +154,12 @@ def _check_window_values(windows, window_frames: int, num_frames: int) -> tuple[
     return s1, s2
 
 
+# |snr_db| beyond this is refused. The gain is 10^(-snr/20) times the level ratio: at -1000 dB it is 1e50, beyond
+# float32 (the mix is inf / NaN), at +1000 dB 1e-50, i.e. 0 (the mix is a, silently). 200 dB (a power ratio of 1e20)
+# is far outside any augmentation (SSLAM mixes at 0 dB) and keeps the gain well inside float32.
+MAX_ABS_SNR_DB = 200.0
+
+
 def _check_snr(snr_db, a: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     """Either (per-row (B,) tensor, 0.0) or (None, scalar)."""
     if isinstance(snr_db, torch.Tensor):
@@ -160,11 +167,17 @@ def _check_snr(snr_db, a: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         if snr_db.dim() == 1 and snr_db.shape[0] != a.shape[0]:
             raise ValueError(f"snr_db must have one entry per row ({a.shape[0]}), got {snr_db.shape[0]}")
         check_finite("snr_db", snr_db)
+        if snr_db.numel() and value_checks_enabled():  # reading the values is a host sync on a GPU
+            worst = float(snr_db.abs().max())
+            if worst > MAX_ABS_SNR_DB:
+                raise ValueError(f"snr_db must lie in [-{MAX_ABS_SNR_DB}, {MAX_ABS_SNR_DB}] dB, got |snr_db| = {worst}")
         return snr_db.reshape(-1).expand(a.shape[0]).contiguous(), 0.0
     if isinstance(snr_db, bool) or not isinstance(snr_db, numbers.Real):
         raise TypeError(f"snr_db must be a float or a (B,) float tensor, got {type(snr_db).__name__}")
     if not math.isfinite(snr_db):
         raise ValueError(f"snr_db must be finite, got {snr_db}")
+    if abs(snr_db) > MAX_ABS_SNR_DB:
+        raise ValueError(f"snr_db must lie in [-{MAX_ABS_SNR_DB}, {MAX_ABS_SNR_DB}] dB, got {snr_db}")
     return None, float(snr_db)
 
 
@@ -229,9 +242,9 @@ def sample_mix_windows(
     """
     if generator is not None and not isinstance(generator, (torch.Generator, random.Random)):
         raise TypeError(f"generator must be a torch.Generator, a random.Random or None, got {type(generator).__name__}")
-    check_positive_int("num_frames", num_frames)
-    check_positive_int("window_frames", window_frames)
-    check_positive_int("step", step)
+    check_positive_int("num_frames", num_frames, maximum=MAX_SIZE)
+    check_positive_int("window_frames", window_frames, maximum=MAX_SIZE)
+    check_positive_int("step", step, maximum=MAX_SIZE)
     s1_choices, s2_choices_for = ref.mix_window_choices(num_frames, window_frames, step)
     if len(s1_choices) == 0:
         raise ValueError(f"num_frames={num_frames} leaves no window start s1 in range(0, num_frames // 2, step)")
@@ -258,12 +271,14 @@ def mix_waveforms(a: torch.Tensor, b: torch.Tensor, snr_db, *, backend: str = "a
 
     Args:
         a, b: (B, N) float (float32 / float16 / bfloat16 / float64), same dtype and device, finite.
-        snr_db: float, or a (B,) (or 0-dim) float tensor on a's device: the SNR in dB of a over the scaled b.
+        snr_db: float, or a (B,) (or 0-dim) float tensor on a's device: the SNR in dB of a over the scaled b, in
+            [-200, 200] (a tensor's range is a value check).
         backend: "auto" | "reference" | "triton".
 
     Returns:
         (B, N) in a's dtype. P is the mean square of a row, computed in fp32, and the sum ``a + g b`` is formed in fp32.
-        A silent b (P_b == 0) or a silent a gives g = 0, so the row equals a. No gradient.
+        A silent b (P_b == 0) or a silent a gives g = 0, so the row equals a. A mix that overflows the dtype raises
+        ValueError (a value check). No gradient.
     """
     check_tensor("a", a, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("b", b, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
@@ -275,4 +290,14 @@ def mix_waveforms(a: torch.Tensor, b: torch.Tensor, snr_db, *, backend: str = "a
     check_finite("b", b)
     snr_row, snr_scalar = _check_snr(snr_db, a)
     chosen = _backend.resolve("mix_waveforms", backend, a.device)
-    return _mix_waveforms_op(a, b, snr_row, snr_scalar, chosen)
+    out = _mix_waveforms_op(a, b, snr_row, snr_scalar, chosen)
+    # Within the SNR range the gain is finite, but g b (b brought to a's level times 10^(-snr_db / 20)) can still
+    # overflow the dtype: float16 tops out at 65504. A value check, so the trainer's steady state does not sync on it.
+    if value_checks_enabled() and out.numel() and not bool(torch.isfinite(out.sum(dtype=torch.float32))):
+        if not bool(torch.isfinite(out).all()):
+            dtype = str(a.dtype).replace("torch.", "")
+            raise ValueError(
+                f"mix_waveforms: the mix is not finite: b scaled for snr_db overflows {dtype}; use a higher snr_db, "
+                "quieter waveforms or a wider dtype"
+            )
+    return out

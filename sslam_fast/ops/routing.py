@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from sslam_fast import _backend
-from sslam_fast._checks import check_positive_int, check_tensor, value_checks_enabled
+from sslam_fast._checks import MAX_SIZE, check_positive_int, check_tensor, value_checks_enabled
 from sslam_fast.reference import routing as ref
 
 __all__ = ["clone_gather", "decoder_scatter"]
@@ -181,6 +181,7 @@ def _clone_gather_op(
     eps: float,
     backend: str,
 ) -> torch.Tensor:
+    _check_op_clones(x, ids_keep, clones)
     return _backend.kernel("clone_gather", backend)(x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps)
 
 
@@ -201,6 +202,7 @@ def _clone_gather_bwd_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op_clones(x, ids_keep, clones)
     return _backend.kernel("clone_gather_backward", backend)(
         grad, x, ids_keep, clones, cls_token, norm_weight, norm_bias, eps
     )
@@ -249,6 +251,8 @@ def _(x, ids_restore, noise, seed, mask_noise_std, backend):
 
 @torch.library.custom_op("sslam_fast::decoder_scatter_backward", mutates_args=())
 def _decoder_scatter_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, backend: str) -> torch.Tensor:
+    if not 0 <= keep <= ids_restore.shape[-1]:  # callable directly: keep sizes the result
+        raise ValueError(f"keep must lie in [0, {ids_restore.shape[-1]}] (the tokens of ids_restore), got {keep}")
     return _backend.kernel("decoder_scatter_backward", backend)(grad, ids_restore, keep)
 
 
@@ -272,6 +276,18 @@ _decoder_scatter_op.register_autograd(_decoder_scatter_backward, setup_context=_
 
 
 # --- validation -------------------------------------------------------------------------------------------------------
+
+
+def _check_op_clones(x: torch.Tensor, ids_keep: torch.Tensor, clones: int) -> None:
+    """The custom ops are callable directly (torch.ops.sslam_fast.clone_gather): clones is checked against the
+    shapes (metadata only) before a kernel divides row indices by it."""
+    if ids_keep.dim() != 2 or x.dim() != 3:
+        return  # the kernels name the bad shape
+    if not 1 <= clones <= MAX_SIZE or ids_keep.shape[0] != x.shape[0] * clones:
+        raise ValueError(
+            f"clones must lie in [1, {MAX_SIZE}] with ids_keep rows = x rows x clones, got clones={clones} for x "
+            f"{tuple(x.shape)} and ids_keep {tuple(ids_keep.shape)}"
+        )
 
 
 def _check_param(name: str, t, x: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> None:
