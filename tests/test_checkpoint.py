@@ -18,14 +18,18 @@ import torch
 import sslam_fast
 from sslam_fast.checkpoint import (
     CheckpointError,
+    CorruptCheckpointError,
     detect_format,
     infer_config,
+    load_checkpoint,
+    load_module_state,
     load_pretrained,
     load_pretraining,
     map_state_dict,
     read_checkpoint_file,
     save_finetuned_checkpoint,
     save_pretraining_checkpoint,
+    tensor_checksums,
 )
 from sslam_fast.models import AudioClassifier, EATEncoder, ModelConfig, PretrainingModel
 
@@ -497,6 +501,80 @@ def test_atomic_save_failures_keep_old_file(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match=r"cfg\['model'\]\['bad'\] must hold plain values"):
         save_pretraining_checkpoint(path, model, cfg={"model": {"bad": argparse.Namespace()}})
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.pt"]
+
+
+def _damage(data: bytes, tensor: torch.Tensor, patch: bytes, at: int = 64) -> bytes:
+    """``data`` (a whole checkpoint file) with ``patch`` written ``at`` bytes into ``tensor``'s stored bytes: damage
+    inside a valid archive, which torch.load does not notice (it does not check the zip's CRCs)."""
+    blob = tensor.numpy().tobytes()
+    start = data.find(blob)
+    assert start > 0 and data.find(blob, start + 1) == -1, "tensor bytes not found once in the file"
+    out = bytearray(data)
+    out[start + at:start + at + len(patch)] = patch
+    assert bytes(out) != data
+    return bytes(out)
+
+
+def test_checksum_catches_damaged_tensor_bytes(tmp_path):
+    cfg, model, opt = _trained_tiny()
+    path = save_pretraining_checkpoint(tmp_path / "ck.pt", model, opt, extra_state={"best": 0.5})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    record = raw["extra_state"]["sslam_fast_checksum"]
+    assert record["algorithm"] == "crc32"
+    names = list(record["tensors"])
+    assert tensor_checksums(raw) == record and names[0].startswith("model/")  # in the file's key order
+    assert {"model/_ema/blocks.1.mlp.fc1.weight", "last_optimizer_state/state/0/exp_avg"} <= set(names)
+    assert load_pretraining(path).num_updates == 123  # a good file verifies
+    data = path.read_bytes()
+    teacher = raw["model"]["_ema"]["blocks.1.mlp.fc1.weight"]
+    student = raw["model"]["blocks.0.attn.qkv.weight"]
+    cases = {
+        "nan.pt": _damage(data, teacher, b"\xff\xff\xc0\x7f" * 4),  # NaNs
+        # plausible values: other weights of the same tensor, moved
+        "plausible.pt": _damage(data, teacher, teacher.numpy().tobytes()[1024:1040]),
+    }
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        torch.load(tmp_path / name, weights_only=True)  # torch alone loads it without a word
+        for load in (load_pretraining, load_pretrained, load_checkpoint, read_checkpoint_file):
+            with pytest.raises(CorruptCheckpointError,
+                               match=rf"{name}: tensor model/_ema/blocks\.1\.mlp\.fc1\.weight \(256, 64\) does not "
+                                     "match the checksum"):
+                load(tmp_path / name)
+        # salvage: the check can be skipped
+        assert read_checkpoint_file(tmp_path / name, verify_checksum=False)["model"]["_ema"] is not None
+    # two damaged tensors: the error names the first in the file's order (the student comes before _ema)
+    (tmp_path / "two.pt").write_bytes(_damage(cases["nan.pt"], student, b"\x00" * 8))
+    with pytest.raises(CheckpointError, match=r"tensor model/blocks\.0\.attn\.qkv\.weight "):
+        load_checkpoint(tmp_path / "two.pt")
+    # files without a checksum (upstream's releases) load: nothing to check
+    torch.save(fairseq_pretrain(), tmp_path / "upstream.pt")
+    assert load_pretraining(tmp_path / "upstream.pt").num_updates == 4321
+    # fine-tuned files written here carry one too
+    clf = AudioClassifier(ModelConfig.tiny(), num_classes=3)
+    ft = save_finetuned_checkpoint(tmp_path / "ft.pt", clf)
+    ft_raw = torch.load(ft, weights_only=True)
+    assert "model/head.weight" in ft_raw["extra_state"]["sslam_fast_checksum"]["tensors"]
+    (tmp_path / "ft_bad.pt").write_bytes(_damage(ft.read_bytes(), ft_raw["model"]["head.weight"], b"\x01" * 4, at=4))
+    with pytest.raises(CorruptCheckpointError, match=r"ft_bad\.pt: tensor model/head\.weight"):
+        load_pretrained(tmp_path / "ft_bad.pt")
+
+
+def test_load_module_state_one_line_errors():
+    enc = EATEncoder(ModelConfig.tiny())
+    wide = EATEncoder(dataclasses.replace(ModelConfig.tiny(), embed_dim=32, decoder_dim=32)).state_dict()
+    with pytest.raises(CheckpointError, match=r"^student does not fit the model: \d+ shape\(s\) differ: .*"
+                                              r"patch_embed\.weight \(32, 1, 16, 16\) in the file, \(64, 1, 16, 16\) "
+                                              r"in the model") as e:
+        load_module_state(enc, wide, "student")
+    assert "\n" not in str(e.value)
+    sd = enc.state_dict()
+    sd.pop("blocks.1.norm1.weight")
+    sd["blocks.9.norm1.weight"] = torch.zeros(64)
+    with pytest.raises(CheckpointError, match=r"1 key\(s\) the model needs are missing: blocks\.1\.norm1\.weight \| "
+                                              r"1 key\(s\) the model does not have: blocks\.9\.norm1\.weight"):
+        load_module_state(enc, sd, "student")
+    load_module_state(enc, EATEncoder(ModelConfig.tiny()).state_dict(), "student")  # a fitting state loads
 
 
 def test_top_level_lazy_exports():

@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from sslam_fast.checkpoint._io import CheckpointError, atomic_torch_save, read_checkpoint_file
+from sslam_fast.checkpoint._io import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    atomic_torch_save,
+    read_checkpoint_file,
+    tensor_checksums,
+)
 from sslam_fast.checkpoint._keys import (
     _HEAD,
     _depth_of,
+    _listing,
     decoder_to_fairseq,
     detect_format_of,
     encoder_to_fairseq,
@@ -37,20 +44,38 @@ def _read(obj_or_path: Any, trust_checkpoint: bool) -> Any:
     return obj_or_path
 
 
+def _naming_file(e: CheckpointError, obj_or_path: Any) -> CheckpointError:
+    """``e`` with the file name in front when it came from a path and does not name it yet: the detection and key
+    mapping work on dicts and cannot know which file a message is about."""
+    if isinstance(obj_or_path, (str, os.PathLike)) and str(obj_or_path) not in str(e):
+        return type(e)(f"{obj_or_path}: {e}")
+    return e
+
+
 def detect_format(obj_or_path: Any, trust_checkpoint: bool = False) -> str:
     """``"fairseq_pretrain" | "fairseq_finetune" | "hf_safetensors"`` for a checkpoint file path or loaded object.
 
     Raises :class:`CheckpointError` for anything else: not a dict, another model's state dict, a corrupt, truncated
     or unsafe file.
     """
-    return detect_format_of(_read(obj_or_path, trust_checkpoint))
+    obj = _read(obj_or_path, trust_checkpoint)
+    try:
+        return detect_format_of(obj)
+    except CheckpointError as e:
+        raise _naming_file(e, obj_or_path) from None
 
 
 def load_checkpoint(obj_or_path: Any, trust_checkpoint: bool = False) -> tuple[Any, str, dict[str, dict]]:
-    """Read (if a path), detect and map a checkpoint: returns ``(raw object, format, mapped state dicts)``."""
+    """Read (if a path), detect and map a checkpoint: returns ``(raw object, format, mapped state dicts)``.
+
+    A file read here has its tensors checked against the checksum it was written with (when it has one): damaged bytes
+    raise :class:`~sslam_fast.checkpoint.CorruptCheckpointError` naming the file and the first bad tensor."""
     obj = _read(obj_or_path, trust_checkpoint)
-    fmt = detect_format_of(obj)
-    return obj, fmt, map_state_dict(obj, fmt)
+    try:
+        fmt = detect_format_of(obj)
+        return obj, fmt, map_state_dict(obj, fmt)
+    except CheckpointError as e:
+        raise _naming_file(e, obj_or_path) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,10 +150,33 @@ def infer_config(obj: Any, maps: Mapping[str, Mapping[str, torch.Tensor]], **ove
         raise CheckpointError(f"cannot build a model config from this checkpoint: {e}") from None
 
 
+_MAX_SHAPES = 6
+
+
+def load_module_state(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(sd)`` (strict), but a state that does not fit raises a one-line
+    :class:`CheckpointError` starting with ``what`` and naming the missing and unexpected keys and the shapes that
+    differ (``load_state_dict``'s own error is a multi-line ``RuntimeError``). Checked before anything is copied."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        more = f" ... and {len(shapes) - _MAX_SHAPES} more" if len(shapes) > _MAX_SHAPES else ""
+        parts.append(f"{len(shapes)} shape(s) differ: " + "; ".join(shapes[:_MAX_SHAPES]) + more)
+    if missing:
+        parts.append(f"{len(missing)} key(s) the model needs are missing: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) the model does not have: {_listing(unexpected)}")
+    if parts:
+        raise CheckpointError(f"{what} does not fit the model: " + " | ".join(parts))
+    module.load_state_dict(dict(sd))
+
+
 def _load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
-    res = module.load_state_dict(dict(sd), strict=False)
-    if res.missing_keys or res.unexpected_keys:  # cannot happen after map_state_dict; kept as a guard
-        raise CheckpointError(f"{what}: missing {res.missing_keys[:20]}, unexpected {res.unexpected_keys[:20]}")
+    load_module_state(module, sd, what)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,6 +327,9 @@ def _fairseq_file(model_sd: dict, cfg: dict, optimizer, num_updates: int, extra_
     }
     if optimizer is not None:
         ckpt["last_optimizer_state"] = optimizer.state_dict()
+    # last, over everything above (model, teacher, optimizer moments, the trainer's RNG states): torch.load does not
+    # check the zip's CRCs, so this is what tells damaged tensor bytes from a good file when it is read back
+    extra[CHECKSUM_KEY] = tensor_checksums(ckpt)
     return ckpt
 
 

@@ -8,6 +8,11 @@ Reading never runs code from the file unless the caller says it trusts it:
    by a restricted unpickler that resolves only those classes, to inert stand-ins converted to plain dicts afterwards;
 4. anything else (a ``__reduce__`` naming ``os.system``, an unknown class) is refused with :class:`CheckpointError`
    unless ``trust_checkpoint=True``, which falls back to ``torch.load(weights_only=False)``.
+
+Integrity: torch's zip reader does not verify the per-record CRC, so bytes damaged inside a tensor of an otherwise valid
+archive load silently (NaN weights, or plausible wrong values). Files written by :func:`atomic_torch_save` callers in
+this package carry a per-tensor CRC-32 in ``extra_state["sslam_fast_checksum"]`` (:func:`tensor_checksums`), checked by
+:func:`read_checkpoint_file`; files without one (upstream's releases) load as before, with nothing to check.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import re
 import tempfile
 import types
 import zipfile
+import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,12 @@ import torch
 
 class CheckpointError(ValueError):
     """A file or dict that is not a usable EAT/SSLAM checkpoint; the message says why."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file's bytes are damaged: empty, truncated, not a readable archive, or a tensor that does not match the
+    checksum written with it. Distinct from a readable file of the wrong kind, so that a resume can fall back to an
+    older checkpoint for this (the disk lost data) but not for that (a user error to report)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -211,8 +224,11 @@ def _is_safetensors(head: bytes) -> bool:
 
 
 def _corrupt(path, err: BaseException | None = None) -> CheckpointError:
-    why = f" ({type(err).__name__}: {str(err)[:200]})" if err is not None else ""
-    return CheckpointError(f"corrupt or truncated checkpoint: {path}{why}")
+    # one line: the file name and the first line of the reader's complaint (torch's can span several)
+    text = " ".join(str(err).split()) if err is not None else ""
+    text = text if len(text) <= 200 else text[:200] + " ..."
+    why = f" ({type(err).__name__}: {text})" if err is not None else ""
+    return CorruptCheckpointError(f"corrupt or truncated checkpoint: {path}{why}")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -230,11 +246,14 @@ def _torch_load(path: Path, **kwargs):
     return torch.load(str(path), map_location="cpu", **kwargs)
 
 
-def read_checkpoint_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> Any:
+def read_checkpoint_file(path: str | os.PathLike, trust_checkpoint: bool = False,
+                         verify_checksum: bool = True) -> Any:
     """Read a checkpoint file into Python objects (tensors on CPU) without running code from it.
 
     Returns a dict of tensors for safetensors files and the unpickled object for torch files. Raises
-    :class:`CheckpointError` for missing, corrupt, truncated or unsafe files.
+    :class:`CheckpointError` for missing, corrupt, truncated or unsafe files (:class:`CorruptCheckpointError` for
+    damaged bytes, including a tensor that does not match the checksum the file was written with; ``verify_checksum=
+    False`` skips that check, e.g. to salvage what is left of a damaged file).
     """
     path = Path(path)
     if not path.is_file():
@@ -246,7 +265,15 @@ def read_checkpoint_file(path: str | os.PathLike, trust_checkpoint: bool = False
     if _is_safetensors(head):
         return _load_safetensors(path)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        raise CheckpointError(f"corrupt or truncated checkpoint: {path} (not a torch zip, a pickle or safetensors)")
+        raise CorruptCheckpointError(f"corrupt or truncated checkpoint: {path} (not a torch zip, a pickle or "
+                                     "safetensors)")
+    obj = _read_torch_file(path, trust_checkpoint)
+    if verify_checksum:
+        verify_checksums(obj, path)
+    return obj
+
+
+def _read_torch_file(path: Path, trust_checkpoint: bool) -> Any:
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return _torch_load(path, weights_only=True)
@@ -279,13 +306,92 @@ def read_checkpoint_file(path: str | os.PathLike, trust_checkpoint: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# tensor checksums
+
+CHECKSUM_KEY = "sslam_fast_checksum"  # in ``extra_state``: {"algorithm": "crc32", "tensors": {name: crc}}
+_CHECKSUM_ALGORITHM = "crc32"
+
+
+def _named_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint with its path (``model/_ema/blocks.0.norm1.weight``, ``last_optimizer_state/state/
+    3/exp_avg``), in the object's own key order, which ``torch.save`` / ``torch.load`` preserve. The checksum record
+    itself is skipped."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if prefix == "extra_state" and k == CHECKSUM_KEY:
+                continue
+            yield from _named_tensors(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _named_tensors(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def _tensor_crc(t: torch.Tensor) -> int | None:
+    """CRC-32 of a tensor's dtype, shape and element bytes (None for layouts without plain bytes: sparse, quantized,
+    meta, which this package never writes)."""
+    if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        return None
+    t = t.detach().cpu().contiguous()
+    crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def tensor_checksums(obj: Any) -> dict:
+    """The checksum record of a checkpoint dict (see :data:`CHECKSUM_KEY`): the CRC-32 of every tensor in it, by path.
+    CRC-32 is enough here: it is for damage on disk, not for tampering, and zlib's runs at memory speed."""
+    tensors = {}
+    for name, t in _named_tensors(obj):
+        crc = _tensor_crc(t)
+        if crc is not None:
+            tensors[name] = crc
+    return {"algorithm": _CHECKSUM_ALGORITHM, "tensors": tensors}
+
+
+def verify_checksums(obj: Any, path: str | os.PathLike = "<checkpoint>") -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` and the first tensor (in the file's key order) whose bytes
+    differ from the checksum recorded when the file was written. Nothing to check (no record, e.g. upstream's files,
+    or an algorithm this version does not know) passes; so do tensors the record does not list, or listed tensors
+    the object no longer holds (a user may strip ``last_optimizer_state`` from a file and re-save it: that is an
+    edit, not damage)."""
+    extra = obj.get("extra_state") if isinstance(obj, Mapping) else None
+    record = extra.get(CHECKSUM_KEY) if isinstance(extra, Mapping) else None
+    if not isinstance(record, Mapping) or record.get("algorithm") != _CHECKSUM_ALGORITHM:
+        return
+    expected = record.get("tensors")
+    if not isinstance(expected, Mapping):
+        return
+    for name, t in _named_tensors(obj):
+        want = expected.get(name)
+        if want is None:
+            continue
+        got = _tensor_crc(t)
+        if got is not None and got != want:
+            raise CorruptCheckpointError(
+                f"corrupt checkpoint: {path}: tensor {name} {tuple(t.shape)} does not match the checksum written with "
+                f"it (crc32 {got:08x}, recorded {int(want):08x}); the file was damaged after it was saved"
+            )
+
+
+# temp files of atomic_torch_save: ``.<name>.<mkstemp's random part>.tmp`` (see there)
+TEMP_FILE_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # writing
 
 
 def atomic_torch_save(obj_or_factory: Any | Callable[[], Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file in the destination folder, fsync, then ``os.replace``: a reader sees either the
     old file or the complete new one, and a failure midway (building the state or writing it) leaves the old file
-    intact and no temp file behind. ``obj_or_factory`` may be a zero-argument callable, called inside the guard."""
+    intact and no temp file behind. ``obj_or_factory`` may be a zero-argument callable, called inside the guard.
+
+    A process killed midway (SIGKILL, power loss) cannot clean up: its temp file ``.<name>.<random>.tmp``
+    (:data:`TEMP_FILE_RE`) stays. It never looks like a checkpoint (leading dot, ``.tmp`` suffix); the trainer removes
+    such leftovers when it starts (``sslam_fast.train.state.remove_stale_temp_files``)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
