@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslam_fast.extract import MAX_TARGET_LENGTH, Reporter, load_model, model_max_frames, resolve_device
+from sslam_fast.extract import MAX_TARGET_LENGTH, Reporter, load_model_or_exit, model_max_frames, resolve_device
 from sslam_fast.predict import _target_length, predict, read_class_labels
 
 __all__ = ["average_precision", "main", "mean_average_precision", "read_manifest", "read_targets"]
@@ -142,6 +142,32 @@ def evaluate(model, root: Path, rows, targets: dict[str, list[str]] | None, mids
     return {"mAP": m, "ap": ap, "scores": scores, "targets": y, "files": got_files}
 
 
+def _class_mids(classes: list[tuple[int, str, str]], num_classes: int, labels) -> tuple[list[str], str | None]:
+    """The mid of each of the model's ``num_classes`` outputs ("" for one the labels file does not name), and the
+    error when the file has classes the model has not: then it belongs to another model, and its indices would
+    name the wrong outputs."""
+    outside = [i for i, _, _ in classes if not 0 <= i < num_classes]
+    if outside:
+        return [], (f"--labels {labels} has {len(classes)} classes with indices up to {max(i for i, _, _ in classes)}, "
+                    f"the model {num_classes} (0-{num_classes - 1}): labels of another model?")
+    mids = [""] * num_classes
+    for i, mid, _ in classes:
+        mids[i] = mid
+    return mids, None
+
+
+def _no_positive_class(rows, targets: dict[str, list[str]] | None, mids: list[str], labels) -> str | None:
+    """The error when no clip has a positive label among the model's classes (mAP would be NaN over 0 classes)."""
+    wanted = {m for rel, own in rows for m in ((targets.get(rel) or []) if targets is not None else (own or []))}
+    known = {m for m in mids if m}
+    if not wanted:
+        return "no clip has a target label (every list of mids is empty): mAP needs positives"
+    if not wanted & known:
+        return (f"none of the {len(wanted)} target labels (e.g. {sorted(wanted)[0]}) is a class of --labels {labels} "
+                f"(e.g. {sorted(known)[0] if known else 'none'}): targets and labels of different ontologies?")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sslam_fast.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -164,16 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if targets is None and any(own is None for _, own in rows):
         p.error("--manifest has lines without a third (mids) column; pass --targets CSV")
-    model = load_model(args.checkpoint, device, args.trust_checkpoint)
+    model = load_model_or_exit(args.checkpoint, device, args.trust_checkpoint)
+    if model is None:
+        return 2
     if not hasattr(model, "head"):
         p.error(f"--checkpoint: {args.checkpoint} is a pre-trained encoder; evaluate needs a fine-tuned classifier")
     if args.target_length is not None and args.target_length > model_max_frames(model):
         p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
     C = model.head.out_features
-    mids = [""] * C
-    for i, mid, _ in classes:
-        if 0 <= i < C:
-            mids[i] = mid
+    mids, problem = _class_mids(classes, C, args.labels)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if len(classes) < C:  # legitimate (a labels file of the classes one cares about), yet worth a word
+        print(f"warning: --labels {args.labels} names {len(classes)} of the model's {C} classes; the other "
+              f"{C - len(classes)} are not scored", file=sys.stderr)
+    problem = _no_positive_class(rows, targets, mids, args.labels)
+    if problem:  # found before the model runs over the whole set
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     report = Reporter()
     res = evaluate(model, root, rows, targets, mids, batch_size=args.batch_size, device=device,
                    target_length=args.target_length, report=report)
@@ -182,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no clip of {args.manifest} could be scored", file=sys.stderr)
         return 1
     n_cls = int(np.sum(~np.isnan(res["ap"])))
+    if n_cls == 0:
+        print(f"error: none of the {len(res['files'])} clips scored has a positive label (the clips with one could "
+              "not be read): mAP is undefined", file=sys.stderr)
+        return 1
     print(f"mAP {res['mAP']:.6f} over {n_cls} classes with positives, {len(res['files'])} clips")
     return 0
 

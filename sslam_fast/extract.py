@@ -63,6 +63,31 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device, trust_checkp
     return load_pretrained(checkpoint, trust_checkpoint=trust_checkpoint).to(device).eval()
 
 
+def load_model_or_exit(checkpoint: str, device: torch.device, trust_checkpoint: bool = False):
+    """:func:`load_model`, or ``None`` after one ``error: --checkpoint ...`` line on stderr when the file is missing or
+    is not a checkpoint it can load (a user error: the CLIs then exit 2, without a traceback)."""
+    from sslam_fast.checkpoint import CheckpointError
+
+    try:
+        return load_model(checkpoint, device, trust_checkpoint)
+    except (CheckpointError, OSError) as e:
+        print(f"error: --checkpoint {checkpoint}: {e}", file=sys.stderr)
+        return None
+
+
+def unwritable(path: Path, *, file: bool = False) -> str | None:
+    """Why the folder ``path`` (or, ``file=True``, the file ``path``) cannot be written, in words that follow its
+    name, or None. It may not exist yet: nothing is created, so that a run that fails later leaves no empty folder."""
+    path = path.absolute()
+    folder = path.parent if file else path
+    existing = next(a for a in (folder, *folder.parents) if a.exists())  # "/" exists
+    if not existing.is_dir():
+        return "is a file, not a folder" if existing == path else f"is under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is read-only or not writable by this user"
+    return None
+
+
 def model_max_frames(model) -> int:
     cfg = model.cfg
     return cfg.max_time_patches * cfg.patch_size
@@ -181,7 +206,7 @@ def collect_files(p: argparse.ArgumentParser, audio: str, report: Reporter) -> t
     root = Path(audio)
     try:
         files, others = list_audio(root, return_skipped=True)
-    except FileNotFoundError as e:
+    except OSError as e:  # missing, or a folder it may not list
         p.error(f"--audio: {e}")
     for f in others:
         report(f, "not an audio file (extension)")
@@ -201,16 +226,29 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(p, args.device)
     report = Reporter()
     root, files = collect_files(p, args.audio, report)
-    model = load_model(args.checkpoint, device, args.trust_checkpoint)
+    out = Path(args.out)
+    one_npy = root.is_file() and out.suffix == ".npy"  # a single input written to OUT itself
+    problem = ("is a folder; name a .npy file, or a folder without the .npy suffix" if one_npy and out.is_dir()
+               else unwritable(out, file=one_npy))
+    if problem:  # found before the model runs, not after the first clip
+        print(f"error: --out {args.out} {problem}", file=sys.stderr)
+        return 2
+    model = load_model_or_exit(args.checkpoint, device, args.trust_checkpoint)
+    if model is None:
+        return 2
     if args.target_length is not None and args.target_length > model_max_frames(model):
         p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
-    dest = output_paths(root, files, Path(args.out))
+    dest = output_paths(root, files, out)
     done = 0
     for path, feat in extract_features(model, files, granularity=args.granularity, batch_size=args.batch_size,
                                        device=device, target_length=args.target_length, on_error=report):
-        out = dest[path]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, np.ascontiguousarray(feat, dtype=np.float32))
+        target = dest[path]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, np.ascontiguousarray(feat, dtype=np.float32))
+        except OSError as e:  # the checks above passed, yet the write fails: a full disk, a read-only mount
+            print(f"error: cannot write {target}: {e.strerror or e}", file=sys.stderr)
+            return 2
         done += 1
     report.summary(done)
     if done == 0:

@@ -29,7 +29,7 @@ from sslam_fast.extract import (
     add_common_args,
     collect_files,
     iter_batches,
-    load_model,
+    load_model_or_exit,
     model_max_frames,
     resolve_device,
 )
@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--labels: {e}")
     report = Reporter()
     root, files = collect_files(p, args.audio, report)
-    model = load_model(args.checkpoint, device, args.trust_checkpoint)
+    model = load_model_or_exit(args.checkpoint, device, args.trust_checkpoint)
+    if model is None:
+        return 2
     if not hasattr(model, "head"):
         p.error(f"--checkpoint: {args.checkpoint} is a pre-trained encoder; predict needs a fine-tuned classifier")
     if args.target_length is not None and args.target_length > model_max_frames(model):

@@ -2,7 +2,9 @@
 on generated wav / flac files with a tiny model saved through the checkpoint writers, and AP / mAP."""
 
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,6 +323,112 @@ def test_evaluate_manifest_without_mids_needs_targets(data, ckpts, tmp_path, cap
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", str(ckpts["ft"]), "--manifest", str(man), "--labels", str(ckpts["labels"])])
     assert "--targets" in capsys.readouterr().err
+
+
+# --- user errors: one "error:" line and exit 2, never a traceback -----------------------------------------------------
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("tool", ["extract", "predict", "evaluate"])
+@pytest.mark.parametrize("what", ["text", "random-bytes", "missing", "folder"])
+def test_not_a_checkpoint_is_one_error_line(data, ckpts, tmp_path, capsys, tool, what):
+    bad = {"text": tmp_path / "notes.pt", "random-bytes": tmp_path / "noise.pt", "missing": tmp_path / "gone.pt",
+           "folder": tmp_path / "a_folder"}[what]
+    if what == "text":
+        bad.write_text("not a checkpoint\n")
+    elif what == "random-bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif what == "folder":
+        bad.mkdir()
+    man = tmp_path / "eval.tsv"
+    man.write_text(f"{data}\na.wav\t16000\t{MIDS[0]}\n")
+    args = {"extract": ["--audio", str(data / "a.wav"), "--out", str(tmp_path / "o")],
+            "predict": ["--audio", str(data / "a.wav")],
+            "evaluate": ["--manifest", str(man), "--labels", str(ckpts["labels"])]}[tool]
+    main = {"extract": extract.main, "predict": predict.main, "evaluate": ev.main}[tool]
+    capsys.readouterr()
+    assert main(["--checkpoint", str(bad), *args]) == 2
+    _one_error_line(capsys.readouterr().err, "--checkpoint", str(bad))
+    assert not (tmp_path / "o").exists()
+
+
+def test_extract_unwritable_out_is_one_error_line(data, ckpts, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir.npy"
+    a_dir.mkdir()
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    cases = [
+        (data, a_file, "is a file, not a folder"),  # a folder of inputs into a file
+        (data / "a.wav", a_file / "x.npy", f"is under {a_file}, which is a file"),
+        (data / "a.wav", a_file / "sub" / "out", f"is under {a_file}, which is a file"),
+        (data / "a.wav", a_dir, "is a folder; name a .npy file"),
+        (data, read_only / "feats", "cannot"),
+    ]
+    if os.access(read_only, os.W_OK):  # root writes where the mode says no: take a place the kernel refuses
+        cases[-1] = (data, Path("/proc/self/feats"), "cannot")
+    try:
+        for audio, out, message in cases:
+            capsys.readouterr()
+            assert extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(audio), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.startswith("error: ")]
+            assert len(lines) == 1 and message in lines[0] and str(out) in lines[0], err
+    finally:
+        read_only.chmod(0o755)
+
+
+def _eval(ckpts, data, tmp_path, labels_text: str, mids: dict):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("index,mid,display_name\n" + labels_text)
+    man = tmp_path / "eval.tsv"
+    man.write_text(f"{data}\n" + "".join(f"{n}\t32000\t{','.join(m)}\n" for n, m in mids.items()))
+    return ev.main(["--checkpoint", str(ckpts["ft"]), "--manifest", str(man), "--labels", str(labels)])
+
+
+def test_evaluate_labels_of_no_model_class_is_an_error(data, ckpts, tmp_path, capsys):
+    """Targets named in mids the labels file does not hold: every clip would be all-negative ("mAP nan over 0
+    classes", exit 0 before); now exit 2 before the model runs, with one line saying why."""
+    labels = "".join(f"{i},/m/other{i},Other {i}\n" for i in range(NUM_CLASSES))
+    rc = _eval(ckpts, data, tmp_path, labels, {"a.wav": [MIDS[0]], "c.flac": [MIDS[2], MIDS[3]]})
+    err = capsys.readouterr().err
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "none of the 3 target labels" in errors[0] and "is a class of --labels" in errors[0]
+    assert "Traceback" not in err
+    rc = _eval(ckpts, data, tmp_path, "".join(f"{i},{m},C{i}\n" for i, m in enumerate(MIDS)), {"a.wav": []})
+    assert rc == 2 and "no clip has a target label" in capsys.readouterr().err
+
+
+def test_evaluate_more_labels_than_model_classes_is_an_error(data, ckpts, tmp_path, capsys):
+    """A labels file with classes beyond the model's outputs is another model's: its indices would name the wrong
+    outputs."""
+    labels = "".join(f"{i},/m/c{i},C{i}\n" for i in range(NUM_CLASSES + 4))
+    rc = _eval(ckpts, data, tmp_path, labels, {"a.wav": [MIDS[0]]})
+    err = capsys.readouterr().err
+    assert rc == 2
+    _one_error_line(err, f"has {NUM_CLASSES + 4} classes with indices up to {NUM_CLASSES + 3}",
+                    f"the model {NUM_CLASSES} (0-{NUM_CLASSES - 1})")
+
+
+def test_evaluate_fewer_labels_than_model_classes_warns(data, ckpts, tmp_path, capsys):
+    """A labels file naming some of the model's classes is legitimate (the classes one cares about): scored, with a
+    warning saying how many are left out."""
+    labels = "".join(f"{i},{MIDS[i]},C{i}\n" for i in (0, 2))
+    rc = _eval(ckpts, data, tmp_path, labels, {"a.wav": [MIDS[0]], "sub/b.wav": [MIDS[2]], "c.flac": []})
+    out = capsys.readouterr()
+    assert rc == 0
+    assert f"warning: --labels {tmp_path / 'labels.csv'} names 2 of the model's {NUM_CLASSES} classes; the other " \
+           f"{NUM_CLASSES - 2} are not scored" in out.err
+    assert re.search(r"mAP \S+ over 2 classes with positives, 3 clips", out.out), out.out
 
 
 # --- GPU, at the real SSLAM shapes --------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_bad_config_exits_2(base, args, message):
     assert res.returncode == 2
     assert res.stderr.startswith("error:") or "\nerror:" in res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert not (run_dir / "metrics.jsonl").exists()
+    assert not run_dir.exists()  # a run that fails its start-up checks leaves no (empty) folder behind
 
 
 def test_manifest_pointing_nowhere(base, tmp_path):
@@ -359,33 +359,6 @@ def test_two_ranks_count_bad_files_together_and_skip_all_bad_batches(base):
     _, summary = _metrics(run_dir)
     assert summary[0]["bad_files"] == st["counters"]["bad_files"] == expected_bad
     assert f"{expected_bad} bad files" in res.stdout
-
-
-def test_torchrun_max_restarts_resumes_a_killed_worker(base):
-    """SIGKILL the worker mid-run: torchrun --max-restarts restarts it, and it resumes from the last checkpoint."""
-    run_dir = base / "restarted"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
-           "train.py", *SHORT, "--max_updates=60", f"--run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (run_dir / "checkpoint_3.pt").exists():
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
-        pids = [int(p) for p in workers.stdout.split()]
-        assert len(pids) == 1, workers
-        os.kill(pids[0], signal.SIGKILL)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    assert "resumed from" in err
-    steps, summary = _metrics(run_dir)
-    assert summary[-1]["steps"] == 60 and summary[-1]["stopped_early"] is False
-    assert steps[-1]["step"] == 60
-    assert "linear-probe mAP:" in out
 
 
 def test_tensorboard_needs_its_package(base):

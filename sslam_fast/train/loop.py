@@ -11,9 +11,12 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,6 +35,17 @@ __all__ = ["TrainingError", "default_data_root", "train"]
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite losses in a row, a missing checkpoint for ``resume=True``)."""
+
+
+def _reported_elsewhere(e: Exception) -> Exception:
+    """Mark ``e`` as not this process's to print (``train.py`` prints an error on the process that hit it, or on rank 0
+    for one that every rank hit alike): with torchrun, one process says what went wrong, not every rank."""
+    e.print_here = False
+    return e
+
+
+class _NoReadableFile(TrainingError):
+    """A rank's loader gave only unreadable files for ``20 * batch_size`` items in a row."""
 
 
 def default_data_root(run_dir: str | os.PathLike) -> Path:
@@ -79,22 +93,206 @@ class _Progress:
             self.bar.close()
 
 
+# How long the ranks wait for each other to join the process group (rank 0's store included): generous, since a busy
+# node can take a while to import torch, yet bounded, so that a group that cannot form fails instead of hanging.
+_JOIN_TIMEOUT = timedelta(minutes=10)
+
+
+def _group_store(rank: int, world: int) -> dist.Store:
+    """A store of this worker group's own, for ``init_process_group`` under torchrun's agent store.
+
+    torchrun's agent serves one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE=True``), and the default
+    ``env://`` set-up builds every incarnation of the worker group on it under the same keys. After a worker dies and
+    ``--max-restarts`` restarts the group, the keys of the dead incarnation are still there: gloo connects to a dead
+    peer's address ("Gloo connectFullMesh failed ... Connection refused"), NCCL reads a stale unique id. Prefixing
+    the keys with ``TORCHELASTIC_RESTART_COUNT`` is not enough: each node's agent counts its own restarts.
+
+    So rank 0 serves a new store on a free port and publishes its port, with a random token, in the agent's store;
+    the other ranks connect to what they read there. What they read may be left by the dead incarnation, whose
+    processes are all gone before the agent starts the next one: its port refuses the connection, or (taken again
+    since) serves a store without the token, and they read again until rank 0 of their own incarnation has written."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = dist.TCPStore(host, port, is_master=False, timeout=_JOIN_TIMEOUT)
+    key = "sslam_fast/group_store/" + os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if rank == 0:
+        # rank 0 runs on the agent's host (MASTER_ADDR); wait_for_workers=False: it must publish before they connect
+        own = dist.TCPStore(host, 0, world, is_master=True, timeout=_JOIN_TIMEOUT, wait_for_workers=False)
+        token = os.urandom(16).hex()
+        own.set("token", token)
+        agent.set(key, f"{own.port} {token}")
+        return own
+    deadline = time.monotonic() + _JOIN_TIMEOUT.total_seconds()
+    while True:
+        own_port, token = agent.get(key).decode().split()  # waits until a rank 0 has published
+        try:
+            own = dist.TCPStore(host, int(own_port), is_master=False, timeout=timedelta(seconds=3))
+            if own.get("token").decode() == token:
+                own.set_timeout(_JOIN_TIMEOUT)
+                return own
+        except RuntimeError:  # refused (DistNetworkError) or no token in time: a dead incarnation's store
+            pass
+        if time.monotonic() > deadline:
+            raise TrainingError(f"rank {rank}: rank 0 did not open the process group's store within "
+                                f"{_JOIN_TIMEOUT.total_seconds():.0f} s")
+        time.sleep(0.2)
+
+
+def _setup(cfg: TrainConfig) -> DistEnv:
+    """:func:`distributed.setup`, with the process group built on a store of its own under torchrun's agent store
+    (:func:`_group_store`), so that a group restarted by ``--max-restarts`` forms again."""
+    world = distributed._env_int("WORLD_SIZE", 1)
+    if world > 1 and not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        rank, local_rank = distributed._env_int("RANK", 0), distributed._env_int("LOCAL_RANK", 0)
+        device = distributed.select_device(cfg.device, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # as distributed.setup chooses
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, store=_group_store(rank, world), rank=rank, world_size=world, **kwargs)
+    return distributed.setup(cfg.device)  # joins nothing more: the group exists; picks the device, threads
+
+
+def _on_main(env: DistEnv, fn):
+    """``fn()`` on rank 0 alone, after which every rank learns whether it raised, so that no rank is left waiting in
+    a collective that a failed rank 0 never reaches. Rank 0 raises its own error (the one printed), the other ranks
+    a quiet one."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # anything, a bug included: the other ranks must not hang on it
+            error = e
+    failed = error is not None
+    if env.world > 1:
+        failed = env.all_reduce_(torch.tensor([float(failed)], dtype=torch.float64)).tolist()[0] > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise _reported_elsewhere(TrainingError("rank 0 failed to start the run"))
+    return result
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A ``ConfigError`` when ``run_dir`` cannot be created or written in, found without creating it (a run that fails
+    a start-up check leaves no empty folder behind)."""
+    from sslam_fast.train.config import ConfigError
+
+    path = run_dir.absolute()
+    existing = next(a for a in (path, *path.parents) if a.exists())  # "/" exists
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise ConfigError(f"run_dir {run_dir} {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir} cannot be written: {existing} is read-only or not writable by this user")
+
+
+def _prepare(cfg: TrainConfig, env: DistEnv) -> None:
+    """Rank 0's start-up work before any rank reads its results: check ``run_dir`` and generate the built-in default
+    set (cached) when no data is given."""
+    from sslam_fast.data import DataError, make_default_dataset
+
+    def work():
+        _check_run_dir(Path(cfg.run_dir))
+        if cfg.data == "":
+            root = default_data_root(cfg.run_dir)
+            try:
+                make_default_dataset(root)
+            except OSError as e:
+                raise DataError(f"cannot write the built-in data set to {root}: {e.strerror or e}") from None
+
+    _on_main(env, work)
+
+
 def _build_data(cfg: TrainConfig, env: DistEnv):
-    from sslam_fast.data import AudioClipDataset, make_default_dataset
+    from sslam_fast.data import AudioClipDataset, DataError, make_default_dataset
 
     default_set = None
     if cfg.data == "":
-        root = default_data_root(cfg.run_dir)
-        if env.is_main:
-            default_set = make_default_dataset(root)
-        env.barrier()
-        if not env.is_main:
-            default_set = make_default_dataset(root)  # cached by now: only reads
+        default_set = make_default_dataset(default_data_root(cfg.run_dir))  # made by rank 0 in _prepare: only reads
         source = default_set.train_manifest
     else:
         source = cfg.data
     dataset = AudioClipDataset(source, cfg.clip_samples, sample_rate=cfg.sample_rate, seed=cfg.seed)
+    need = cfg.batch_size * env.world  # what ResumableSampler needs for one batch on every rank
+    if len(dataset) < need:
+        raise DataError(f"{source} holds {len(dataset)} audio file(s), fewer than one batch: batch_size="
+                        f"{cfg.batch_size} on each of {env.world} process(es) needs {need}; lower --batch_size or "
+                        f"add data")
     return dataset, default_set
+
+
+def _open_run_dir(run_dir: Path, step: int) -> bool:
+    """Create ``run_dir`` (True when this call created it), check that a file can be written in it, and trim its
+    ``metrics.jsonl`` to the steps the checkpoint resumed from covers (:func:`_trim_metrics`)."""
+    from sslam_fast.train.config import ConfigError
+
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+        _trim_metrics(run_dir / "metrics.jsonl", step)
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir}: cannot write there ({e.strerror or e})") from None
+    return created
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps ``<= step`` in ``metrics.jsonl``, atomically (written aside, then renamed).
+
+    A run resumes from the checkpoint of update ``step``: the lines a killed run logged after it are logged again as
+    the resumed run redoes those updates, the summary lines of earlier invocations describe a run that goes on, and a
+    kill can leave half a line. Dropping them makes the file of a resumed run read as one run."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # half a line, cut by a kill
+            continue
+        if isinstance(rec, dict) and not rec.get("summary") and isinstance(rec.get("step"), int) \
+                and rec["step"] <= step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+_BAD_EXAMPLES = 3  # unreadable files named in the final "done:" line (bad_files.txt lists them all)
+
+
+def _gather(env: DistEnv, obj) -> list:
+    """``obj`` of every rank, in rank order (a collective: every rank calls it at the same point)."""
+    if env.world == 1:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _record_bad_files(path: Path, names: list[str]) -> list[str]:
+    """Add ``names`` to ``bad_files.txt`` (one path a line, each once, kept over resumes); returns all it lists."""
+    try:
+        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        merged = list(dict.fromkeys([*old, *names]))
+        if len(merged) != len(old):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(n + "\n" for n in merged), encoding="utf-8")
+            os.replace(tmp, path)
+        return merged
+    except OSError as e:  # the list is a report: not worth failing the run over
+        print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+        return list(dict.fromkeys(names))
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds nothing (a run that stopped before writing anything)."""
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only an empty folder is removed
 
 
 def _unwrap(m):
@@ -138,22 +336,40 @@ def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, coun
         for name in (f"checkpoint_{step}.pt", "checkpoint_last.pt"):
             save_pretraining_checkpoint(path_dir / name, model, optimizer, num_updates=step, extra_state=extra)
         if cfg.keep_checkpoints > 0:
+            # only files up to this step count: one past it is from before a resume that fell back past it (a damaged
+            # file, kept for inspection until this run's save of that step replaces it); ranking it as the newest
+            # would delete the good checkpoints just written
             numbered = sorted((int(p.stem.split("_")[1]), p) for p in path_dir.glob("checkpoint_*.pt")
-                              if p.stem.split("_")[1].isdigit())
+                              if p.stem.split("_")[1].isdigit() and int(p.stem.split("_")[1]) <= step)
             for _, p in numbered[:-cfg.keep_checkpoints]:
                 p.unlink(missing_ok=True)
     env.barrier()
 
 
-def _load(path: Path, model, optimizer, scheduler, env: DistEnv) -> dict:
-    from sslam_fast.checkpoint import load_checkpoint
+def _load(path: os.PathLike, model, optimizer, scheduler, env: DistEnv) -> dict:
+    from sslam_fast.checkpoint import CheckpointError, load_module_state, map_state_dict, read_checkpoint_file
+    from sslam_fast.train.state import config_change, trainer_state
 
-    obj, _, maps = load_checkpoint(path)
-    model.student.load_state_dict(maps["encoder"])
-    model.decoder.load_state_dict(maps["decoder"])
-    model.teacher.load_state_dict(maps["teacher"])
-    optimizer.load_state_dict(obj["last_optimizer_state"])
-    st = obj["extra_state"]["sslam_fast_train"]
+    # find_latest_checkpoint(load=True) hands over the file it has read and checksum-verified (a LoadedCheckpoint);
+    # a plain path is read here. Whatever does not fit is a one-line CheckpointError naming the file (train.py prints
+    # "error: ..." and exits 2), never a KeyError or load_state_dict's multi-line RuntimeError.
+    obj = getattr(path, "obj", None)
+    path = Path(getattr(path, "path", path))
+    if obj is None:
+        obj = read_checkpoint_file(path)
+    st = trainer_state(obj, path)  # an upstream or fine-tuned file in the run folder: says what it is
+    try:
+        maps = map_state_dict(obj, "fairseq_pretrain")
+        load_module_state(model.student, maps["encoder"], "student")
+        load_module_state(model.decoder, maps["decoder"], "decoder")
+        load_module_state(model.teacher, maps["teacher"], "_ema teacher")
+    except CheckpointError as e:  # e.g. resumed with another --embed_dim / --depth: name the settings that changed
+        raise CheckpointError(f"{path}: {e}{config_change(st, model.cfg)}") from None
+    try:
+        optimizer.load_state_dict(obj["last_optimizer_state"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer "
+                              f"({' '.join(str(e).split())})") from None
     scheduler.load_state_dict(st["scheduler"])
     # the checkpoint of update n is written before the EMA step of n (done at the start of the next step): leave the
     # model one behind so the resumed run applies it, as the uninterrupted run does
@@ -277,7 +493,7 @@ class _Batches:
                 return batch, n_good
             skipped += len(idx)
             if skipped >= 20 * self.cfg.batch_size:
-                raise TrainingError(f"no readable file in {skipped} items in a row: {', '.join(bad[-5:])}")
+                raise _NoReadableFile(f"no readable file in {skipped} items in a row: {', '.join(bad[-5:])}")
 
 
 class _Stepper:
@@ -317,17 +533,31 @@ class _Stepper:
             windows = windows_tensor(s, cfg.mix_window_frames, cfg.target_length, device)
         return source, masks, windows
 
-    def run(self, step: int, batches: _Batches, stats: StepStats, bad: list[str], check_values: bool) -> int:
-        """Update ``step`` (0-based); returns the readable files it consumed (unreadable ones are added to ``bad``)."""
+    def fetch(self, batches: _Batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
+        """The micro-batches of the next update, before it starts: ``(batches, readable files, None)``, or ``(None,
+        readable files, message)`` when the loader gave no readable file for too long. Unreadable files go to ``bad``.
+
+        Fetched ahead of the update so that the ranks can agree on stopping before any of them starts one: a rank
+        that stopped inside it would leave the others waiting in DDP's gradient all-reduce."""
+        out, n_good = [], 0
+        for _ in range(self.cfg.grad_accum):
+            try:
+                batch, got = batches.next(bad)
+            except _NoReadableFile as e:
+                return None, n_good, str(e)
+            out.append(batch)
+            n_good += got
+        return out, n_good, None
+
+    def run(self, step: int, micro_batches: list[dict], stats: StepStats, check_values: bool) -> None:
+        """Update ``step`` (0-based) on the micro-batches of :meth:`fetch`."""
         cfg, clock = self.cfg, stats.clock
         torch.manual_seed(cfg.seed + step)  # SPEC §6: common.seed + num_updates every step
         stats.ema_decay = _ema_step(self.model, step, cfg)  # SPEC §4: EMA first, with the updates done
         self.optimizer.zero_grad(set_to_none=True)
-        terms, n_good = None, 0
-        for micro in range(cfg.grad_accum):
+        terms = None
+        for micro, batch in enumerate(micro_batches):
             t0 = time.perf_counter()
-            batch, got = batches.next(bad)
-            n_good += got
             source, masks, windows = self._inputs(batch, step, micro)
             stats.data_s += time.perf_counter() - t0
             if check_values:  # eagerly, outside any compiled region: the checks read values
@@ -362,7 +592,6 @@ class _Stepper:
         stats.marks.append(("optimizer", t3, clock.mark()))
         stats.add_step(terms, finite)
         self.last_terms = terms
-        return n_good
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -374,15 +603,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     The steady-state step reads nothing back from the device: value checks of the inputs run on the first step of
     the invocation only (``SSLAM_FAST_CHECK=1``: on every step), and the losses, non-finite steps and the time split
     are read on log steps (``log_every``). A run of ``max_nonfinite_in_row`` non-finite steps is therefore noticed on
-    the next log step; the skipped updates changed nothing in the model."""
+    the next log step; the skipped updates changed nothing in the model.
+
+    Stops are agreed by all ranks before an update, in the step's one host-side all-reduce: SIGTERM / SIGINT,
+    ``stop_after``, too many unreadable files (``DataError``) and a loader that gives no readable file for
+    ``20 * batch_size`` items in a row (``DataError``) all save a checkpoint of the updates made first (the data
+    errors then raise). ``metrics.jsonl`` is trimmed on resume to the steps the checkpoint covers, so that a resumed
+    run's log reads as one run; the unreadable files are listed in ``bad_files.txt``. Nothing is written, and
+    ``run_dir`` is not created, until every start-up check has passed."""
     from sslam_fast.data import BadFileMonitor, ResumableSampler, collate
     from sslam_fast.models import PretrainingModel
 
     _check_tensorboard(cfg)
-    env = distributed.setup(cfg.device)
+    env = _setup(cfg)
     run_dir = Path(cfg.run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare(cfg, env)  # run_dir checked, not created yet: a run that fails a start-up check leaves no folder
     dataset, default_set = _build_data(cfg, env)
     sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
                                world_size=env.world)
@@ -394,18 +629,30 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     torch.manual_seed(cfg.seed)
     model = PretrainingModel(cfg.model_config()).to(env.device)
     if cfg.init_checkpoint:
-        from sslam_fast.checkpoint import load_checkpoint
+        from sslam_fast.checkpoint import CheckpointError, load_checkpoint, load_module_state
 
-        _, _, maps = load_checkpoint(cfg.init_checkpoint)
-        model.student.load_state_dict(maps["encoder"])
-        model.teacher.load_state_dict(maps["teacher"])
+        # stage 2 starts from a pre-training file's student and _ema teacher; any other file, or another model size,
+        # is a one-line CheckpointError naming the file (not KeyError 'encoder' / 'teacher' or a multi-line
+        # load_state_dict RuntimeError)
+        _, fmt, maps = load_checkpoint(cfg.init_checkpoint)
+        if fmt != "fairseq_pretrain":
+            what = ("a fine-tuned classifier checkpoint" if "classifier" in maps
+                    else "an HF safetensors port of the encoder alone (no decoder, no _ema teacher)")
+            raise CheckpointError(f"{cfg.init_checkpoint}: this is {what}, --init_checkpoint needs a pretraining "
+                                  "checkpoint (student, decoder and _ema teacher, as EAT's pre-training writes it)")
+        try:
+            load_module_state(model.student, maps["encoder"], "student")
+            load_module_state(model.teacher, maps["teacher"], "_ema teacher")
+        except CheckpointError as e:
+            raise CheckpointError(f"{cfg.init_checkpoint}: {e} (set --embed_dim, --depth, --num_heads, ... to the "
+                                  "checkpoint's model size)") from None
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 
     step, epoch, done = 0, 0, 0
     counters = {"skipped_steps": 0, "bad_files": 0, "good_files": 0, "clips": 0}
-    ckpt = find_latest_checkpoint(run_dir)
+    ckpt = find_latest_checkpoint(run_dir, load=True, remove_temp=env.is_main, verbose=env.is_main)
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
     if ckpt is not None:
@@ -423,10 +670,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     batches = _Batches(cfg, dataset, loader, sampler, epoch, done)
     monitor = BadFileMonitor(cfg.max_bad_file_share)
     monitor.n_ok, monitor.n_bad = counters["good_files"], counters["bad_files"]  # a resumed run keeps its counts
+    created = _on_main(env, lambda: _open_run_dir(run_dir, step))  # every start-up check passed: now the folder
     board = _TensorBoard(cfg, env.is_main and cfg.tensorboard)
     progress = _Progress(cfg.max_updates, step, env.is_main)
     stats = StepStats(env)
     t_run, first_step = time.perf_counter(), step
+    position = (batches.epoch, batches.done)  # the data position after the updates done (what a checkpoint saves)
+    bad_seen: dict[str, None] = {}  # this rank's unreadable files, in order, each once: named at the end
+    stop_reason, failure, no_data = None, None, None
 
     def log(rec: dict) -> None:
         counters["skipped_steps"] += rec["nonfinite_steps"]
@@ -438,45 +689,96 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             raise TrainingError(f"{rec['max_nonfinite_in_row']} non-finite losses in a row by step {rec['step']}; "
                                 f"stopping (the skipped updates left the model unchanged)")
 
-    with GracefulExit() as stop:
-        while step < cfg.max_updates:
-            bad: list[str] = []
-            with value_checks(step == first_step):
-                n_good = stepper.run(step, batches, stats, bad, check_values=step == first_step)
-            step += 1
-            # host bookkeeping, summed over ranks on the CPU (gloo): every rank sees the same totals and stops alike
-            flags = torch.tensor([float(stop.requested), float(n_good), float(len(bad))], dtype=torch.float64)
-            stopping, n_good, n_bad = (int(v) for v in env.all_reduce_(flags).tolist())
-            counters["good_files"] += n_good
-            counters["bad_files"] += n_bad
-            monitor.update(n_good, n_bad, bad)
-            rec = None
-            if step % cfg.log_every == 0 or step == cfg.max_updates:
-                rec = stats.summary(step)
-                stats.reset()
-                log(rec)
-            progress.update(step, rec)
-            if step % cfg.save_every_updates == 0 and step < cfg.max_updates:
-                _save(run_dir, cfg, model, optimizer, scheduler, step, (batches.epoch, batches.done), counters, env)
-            if stopping or (stop_after is not None and step - first_step >= stop_after):
-                break
-        stopped_early = step < cfg.max_updates
-    if stats.steps:  # the interval since the last log line (a stop between log steps)
-        log(stats.summary(step))
-    progress.close()
-    board.close()
-    counters["clips"] += stats.clips_seen
-    _save(run_dir, cfg, model, optimizer, scheduler, step, (batches.epoch, batches.done), counters, env)
+    try:
+        with GracefulExit() as stop:
+            while step < cfg.max_updates:
+                bad: list[str] = []
+                t0 = time.perf_counter()
+                micro_batches, n_good, no_data = stepper.fetch(batches, bad)
+                stats.data_s += time.perf_counter() - t0
+                bad_seen.update(dict.fromkeys(bad))
+                # Host bookkeeping, summed over ranks on the CPU (gloo) before the update: every rank sees the same
+                # totals and stops at the same point, never inside an update that another rank does not make. A stop
+                # here leaves the batches just fetched (and their counts) to the resumed run: position is before them.
+                flags = torch.tensor([stop.requested, n_good, len(bad), no_data is not None], dtype=torch.float64)
+                stopping, n_good, n_bad, n_no_data = (int(v) for v in env.all_reduce_(flags).tolist())
+                if n_no_data:
+                    failure = "no_data"
+                    break
+                if stopping:
+                    stop_reason = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+                    break
+                monitor.add(n_good, n_bad)
+                if monitor.exceeded():
+                    failure = "bad_files"
+                    break
+                counters["good_files"] += n_good
+                counters["bad_files"] += n_bad
+                counters["clips"] += n_good  # each readable file is one clip of this update, on some rank
+                with value_checks(step == first_step):
+                    stepper.run(step, micro_batches, stats, check_values=step == first_step)
+                step += 1
+                position = (batches.epoch, batches.done)
+                rec = None
+                if step % cfg.log_every == 0 or step == cfg.max_updates:
+                    rec = stats.summary(step)
+                    stats.reset()
+                    log(rec)
+                progress.update(step, rec)
+                if step % cfg.save_every_updates == 0 and step < cfg.max_updates:
+                    _save(run_dir, cfg, model, optimizer, scheduler, step, position, counters, env)
+                if stop_after is not None and step - first_step >= stop_after:
+                    stop_reason = f"--stop_after={stop_after}"
+                    break
+        if stats.steps:  # the interval since the last log line (a stop between log steps)
+            log(stats.summary(step))
+    except BaseException:
+        if env.is_main and created:
+            _remove_if_empty(run_dir)
+        raise
+    finally:
+        progress.close()
+        board.close()
+    stopped_early = step < cfg.max_updates
+    # A failure with no update since the start (or the resume) has nothing new to save; anything else saves, as a
+    # SIGTERM does: a stop for bad data keeps the updates made, to resume from once the data is fixed.
+    saved = failure is None or step > first_step
+    if saved:
+        _save(run_dir, cfg, model, optimizer, scheduler, step, position, counters, env)
+    gathered = _gather(env, (list(bad_seen), no_data))  # unreadable files and data errors of every rank
+    bad_names = list(dict.fromkeys(name for names, _ in gathered for name in names))
+    if env.is_main and bad_names:
+        bad_names = _record_bad_files(run_dir / "bad_files.txt", bad_names)
+    if failure is not None:
+        from sslam_fast.data import DataError
+
+        note = (f"; saved checkpoint_{step}.pt: fix the data, then resume with the same command" if saved and step
+                else "")
+        if failure == "no_data":
+            msgs = [m if env.world == 1 else f"rank {r}: {m}" for r, (_, m) in enumerate(gathered) if m]
+            err: Exception = DataError("; ".join(msgs) + note)
+        else:
+            err = DataError(str(monitor.error(bad_names)) + note)
+        if env.is_main and created:
+            _remove_if_empty(run_dir)
+        raise err
     elapsed = time.perf_counter() - t_run
     last_loss = float(stepper.last_terms[3]) if stepper.last_terms is not None else float("nan")
     summary = {"summary": True, "steps": step, "clips_per_s": stats.clips_seen / max(elapsed, 1e-9),
-               "final_loss": last_loss, "bad_files": counters["bad_files"],
-               "skipped_steps": counters["skipped_steps"], "stopped_early": stopped_early, "world_size": env.world}
+               "final_loss": last_loss, "clips": counters["clips"], "bad_files": counters["bad_files"],
+               "skipped_steps": counters["skipped_steps"], "stopped_early": stopped_early,
+               "stop_reason": stop_reason, "world_size": env.world}
     if env.is_main:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(summary) + "\n")
-        print(f"done: {step} steps, {summary['clips_per_s']:.1f} clips/s per device, final loss {last_loss:.4f}, "
-              f"{counters['bad_files']} bad files, {counters['skipped_steps']} skipped steps", flush=True)
+        head = (f"stopped early at step {step} of {cfg.max_updates} ({stop_reason}); resume with the same command;"
+                if stopped_early else f"{step} steps,")
+        bad_note = ""
+        if counters["bad_files"] and bad_names:
+            shown = ", ".join(bad_names[:_BAD_EXAMPLES]) + (", ..." if len(bad_names) > _BAD_EXAMPLES else "")
+            bad_note = f" ({shown}; all in {run_dir / 'bad_files.txt'})"
+        print(f"done: {head} {summary['clips_per_s']:.1f} clips/s per device, final loss {last_loss:.4f}, "
+              f"{counters['bad_files']} bad files{bad_note}, {counters['skipped_steps']} skipped steps", flush=True)
         if default_set is not None and not stopped_early:
             from sslam_fast.train.probe import linear_probe
 
