@@ -3,7 +3,7 @@
     python benchmarks/bench_fbank.py                    # CPU, 16 x 10 s clips, at 1 and 2 threads
     python benchmarks/bench_fbank.py --device cuda      # GPU, 96 x 10 s clips
 
-The upstream loop is what each DataLoader worker does per clip (SPEC §1): ``x - x.mean()``, ``kaldi.fbank``, pad to
+The upstream loop is what each DataLoader worker does per clip (ALGORITHM §1): ``x - x.mean()``, ``kaldi.fbank``, pad to
 1024 frames, normalise. Every backend computes the same (B, 1, 1024, 128) output; the table reports the median time
 per clip, the speed-up over the loop at the same thread count, and the max abs difference from the loop's output.
 The Triton interpreter is never timed (it measures the interpreter, not the kernel).

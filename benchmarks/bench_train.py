@@ -11,7 +11,7 @@ backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight dec
 (a) and (b) start from upstream's CPU-worker output instead (see below). Variants:
 
 - (a) plain: the upstream pipeline. Per clip ``x / 32768``, ``x - x.mean()``, ``torchaudio.compliance.kaldi.fbank``
-  with the SPEC §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks from
+  with the ALGORITHM §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks from
   the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
   parameter by parameter (``foreach=False``, as fairseq's own AdamW on the CPU; on CUDA see below); the Python EMA
   loop (``ema_step(fast=False)``).
@@ -134,7 +134,7 @@ def make_setup(preset: str, stage: str, batch: int, device: torch.device) -> Set
     if preset == "tiny":  # the trainer's tiny preset: 2.56 s clips, 256 frames, K = 4 in both stages
         cfg = ModelConfig.tiny(stage=stage)
         return Setup(preset, stage, device, batch, cfg, 40960, 256)
-    # base: SPEC §7, K = 16 in stage 1 and 8 in stage 2 (the sslam-as2m preset)
+    # base: ALGORITHM §7, K = 16 in stage 1 and 8 in stage 2 (the sslam-as2m preset)
     cfg = ModelConfig.base(stage=stage, clones=8 if stage == "sslam" else 16)
     return Setup(preset, stage, device, batch, cfg, 160000, 1024)
 

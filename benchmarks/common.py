@@ -135,7 +135,7 @@ def hbm_peak(name: str | None = None) -> tuple[float, str]:
 
 
 def upstream_fbank_loop(clips: torch.Tensor, target_length: int = 1024) -> torch.Tensor:
-    """What each upstream DataLoader worker does per clip (SPEC §1), clip by clip: (B, 1, target_length, 128) fp32.
+    """What each upstream DataLoader worker does per clip (ALGORITHM §1), clip by clip: (B, 1, target_length, 128) fp32.
 
     int16 clips are read as soundfile reads 16-bit PCM (x / 32768); then ``x - x.mean()``, ``kaldi.fbank`` with EAT's
     arguments, zero pad or crop to ``target_length`` frames, ``(fbank + 4.268) / (2 * 4.569)``.

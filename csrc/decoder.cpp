@@ -1,5 +1,5 @@
 // The fused tail of a CNN decoder block on CPU: torch.ops.sslam_fast.ln_gelu_residual_cpu and its backward
-// torch.ops.sslam_fast.ln_gelu_residual_backward_cpu (SPEC §2.2).
+// torch.ops.sslam_fast.ln_gelu_residual_backward_cpu (ALGORITHM §2.2).
 //
 // Forward, at every position (r, h, w) of an (R, C, H, W) tensor:
 //   x = (y - mean_C(y)) * rstd,  rstd = 1 / sqrt(var_C(y) + 1e-5)  (biased variance, no affine),

@@ -1,4 +1,4 @@
-// The masked patch loss on CPU: torch.ops.sslam_fast.masked_mse_cpu and masked_mse_backward_cpu (SPEC §4, §5.4).
+// The masked patch loss on CPU: torch.ops.sslam_fast.masked_mse_cpu and masked_mse_backward_cpu (ALGORITHM §4, §5.4).
 //
 // Forward: loss = sum over rows r, tokens n with mask[r, n], channels d of (pred[r, n, d] - target[r / clones, n, d])^2,
 // times 1 / sqrt(D); fp32 0-dim. Backward: grad_pred = mask ? (pred - target) * (2 / sqrt(D) * grad) : 0, (R, N, D)

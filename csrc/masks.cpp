@@ -1,6 +1,6 @@
 // Inverse block masks on CPU: torch.ops.sslam_fast.inverse_block_mask_cpu.
 //
-// The distribution of upstream compute_block_mask_2d with inverse_mask=True, require_same_masks=True (SPEC §3), for
+// The distribution of upstream compute_block_mask_2d with inverse_mask=True, require_same_masks=True (ALGORITHM §3), for
 // all rows of a batch at once, parallel over rows. Per row:
 //   1. n_centers centres drawn uniformly from the H*W tokens, with replacement (duplicates collapse);
 //   2. each centre (r, c) kept-marks the block [r - o, r - o + mask_length) x [c - o, c - o + mask_length) cut to the

@@ -1,4 +1,4 @@
-"""Triton flash attention for the encoder's short sequences (SPEC §2.1): forward and backward, no mask.
+"""Triton flash attention for the encoder's short sequences (ALGORITHM §2.1): forward and backward, no mask.
 
 ``flash_attention_fwd`` and ``flash_attention_bwd`` are the launchers; ``sslam_fast.ops.attention`` validates the
 arguments and calls them on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).

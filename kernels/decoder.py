@@ -1,4 +1,4 @@
-"""Triton kernels for the CNN decoder block tail: ``GELU(LayerNorm_C(y)) + z`` and its backward (SPEC §2.2).
+"""Triton kernels for the CNN decoder block tail: ``GELU(LayerNorm_C(y)) + z`` and its backward (ALGORITHM §2.2).
 
 ``ln_gelu_residual_fwd_triton`` and ``ln_gelu_residual_bwd_triton`` are the launchers; ``sslam_fast.ops.decoder``
 validates the arguments and calls them with (R, C, H, W) tensors on CUDA, or on CPU under ``TRITON_INTERPRET=1``.

@@ -1,4 +1,4 @@
-"""Triton kernel for inverse block masks (SPEC §3): ``inverse_block_mask_triton`` is the launcher.
+"""Triton kernel for inverse block masks (ALGORITHM §3): ``inverse_block_mask_triton`` is the launcher.
 
 One program handles ROWS mask rows, each row a vector of the BLOCK_L >= H*W tokens (512 for the EAT grid, so a row
 fits in one block). Per row:

@@ -1,4 +1,4 @@
-"""Triton kernels for the EAT / SSLAM teacher targets (SPEC §4 make_targets, §5.3 token subsets).
+"""Triton kernels for the EAT / SSLAM teacher targets (ALGORITHM §4 make_targets, §5.3 token subsets).
 
 ``layer_targets_triton`` is the launcher; ``sslam_fast.ops.targets`` validates the arguments and calls it with the
 stacked top-k FFN outputs (k, B, T, D) (any strides over k, B and T; unit stride over D) on CUDA, or on CPU under

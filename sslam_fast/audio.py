@@ -1,8 +1,8 @@
-"""Audio decoding helpers for the inference tools (SPEC §1 steps 1-3).
+"""Audio decoding helpers for the inference tools (ALGORITHM §1 steps 1-3).
 
 ``load_audio(path)`` reads a file with ``soundfile.read(dtype="float32", always_2d=True)`` (values in [-1, 1], no
 x32768 scaling, as upstream ``FileAudioDataset``) and averages the channels to mono. The channel average happens here,
-BEFORE any resampling (SPEC §11.8: upstream resamples the (N, C) array first, along the wrong axis); resampling to
+BEFORE any resampling (ALGORITHM §11.8: upstream resamples the (N, C) array first, along the wrong axis); resampling to
 16 kHz and the per-clip mean removal are done by ``sslam_fast.ops.eat_features``.
 
 ``list_audio(path)`` expands a file or a directory (walked recursively, sorted) into audio files by extension.
@@ -99,7 +99,7 @@ def clip_frames(num_samples: int, sample_rate: int) -> int:
 
 def default_target_length(num_samples: int, sample_rate: int, cap: int = 1024, patch: int = 16) -> int:
     """The clip's frame count rounded UP to a multiple of ``patch`` (at least one patch), capped at ``cap`` (itself
-    rounded down to a multiple of ``patch``). SPEC §8: the target length must be a multiple of 16."""
+    rounded down to a multiple of ``patch``). ALGORITHM §8: the target length must be a multiple of 16."""
     cap = max(patch, cap // patch * patch)
     frames = clip_frames(num_samples, sample_rate)
     return min(cap, max(patch, -(-frames // patch) * patch))

@@ -41,7 +41,7 @@ def synthetic_clips(batch: int, seconds: float, sample_rate: int, generator: tor
 
 
 def upstream_features(clips: torch.Tensor, sample_rate: int, target_length: int) -> torch.Tensor:
-    """The upstream loader's way: one clip at a time through torchaudio (SPEC §1)."""
+    """The upstream loader's way: one clip at a time through torchaudio (ALGORITHM §1)."""
     import torchaudio.compliance.kaldi as kaldi
     import torchaudio.functional as AF
 

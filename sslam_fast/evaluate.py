@@ -1,4 +1,4 @@
-"""mAP of a fine-tuned checkpoint over a labelled set (SPEC §8), the counterpart of
+"""mAP of a fine-tuned checkpoint over a labelled set (ALGORITHM §8), the counterpart of
 ``[S] SSLAM_Inference/evaluation/eval.py`` (mAP = mean over classes of ``sklearn.average_precision_score``).
 
     python -m sslam_fast.evaluate --checkpoint FINETUNED --manifest TSV --labels CSV [--targets CSV]

@@ -1,4 +1,4 @@
-"""Checkpoint formats (SPEC §8): fairseq pre-training / fine-tuned files and HF safetensors ports, built from random
+"""Checkpoint formats (ALGORITHM §8): fairseq pre-training / fine-tuned files and HF safetensors ports, built from random
 weights with the exact upstream names and shapes, loaded without fairseq; safe unpickling; atomic fairseq-layout saves.
 """
 
@@ -37,7 +37,7 @@ IMG = "modality_encoders.IMAGE."
 PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 # --------------------------------------------------------------------------------------------------------------------
-# upstream layouts, written out from SPEC §8 independently of the package's tables
+# upstream layouts, written out from ALGORITHM §8 independently of the package's tables
 
 
 def student_shapes(D=64, depth=2, rows=6144, hidden=None, dec_layers=2, groups=4, decoder=True):
@@ -121,7 +121,7 @@ def hf_port(seed=2, positions=True, head=None, **kw):
 
 
 def spec_sincos(D, time_patches, W=8):
-    """SPEC §2.1 written out directly: row 8t+f; [sin f w, cos f w, sin t w, cos t w], w_k = 10000^(-k/(D/4))."""
+    """ALGORITHM §2.1 written out directly: row 8t+f; [sin f w, cos f w, sin t w, cos t w], w_k = 10000^(-k/(D/4))."""
     q = D // 4
     w = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
     t = torch.arange(time_patches, dtype=torch.float64).repeat_interleave(W)[:, None] * w
@@ -155,7 +155,7 @@ def assert_sd_equal(module_sd, expect):
 
 
 def test_base_key_list_matches_spec():
-    """The names/shapes we write for the released base model are exactly SPEC §8's, and they map back to base()."""
+    """The names/shapes we write for the released base model are exactly ALGORITHM §8's, and they map back to base()."""
     with torch.device("meta"):
         model = PretrainingModel(ModelConfig.base())
     from sslam_fast.checkpoint._keys import decoder_to_fairseq, encoder_to_fairseq

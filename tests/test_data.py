@@ -167,7 +167,7 @@ def audio_dir(tmp_path):
 
 def _float_ref(path, sr_out=SR):
     data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
-    mono = torch.from_numpy(data.mean(1))  # channel average BEFORE resampling (SPEC §11.8)
+    mono = torch.from_numpy(data.mean(1))  # channel average BEFORE resampling (ALGORITHM §11.8)
     return mono if sr == sr_out else torchaudio.functional.resample(mono, sr, sr_out)
 
 

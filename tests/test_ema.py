@@ -1,4 +1,4 @@
-"""EMA teacher update and decay schedule (SPEC §4): ema_update_ against upstream's per-parameter loop."""
+"""EMA teacher update and decay schedule (ALGORITHM §4): ema_update_ against upstream's per-parameter loop."""
 
 from __future__ import annotations
 

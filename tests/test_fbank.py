@@ -31,7 +31,7 @@ def upstream_fbank(row: torch.Tensor, sample_rate=16000, num_mel_bins=128) -> to
 
 
 def upstream_eat(row: torch.Tensor, sample_rate: int, target_length: int, mean=-4.268, std=4.569) -> torch.Tensor:
-    """SPEC §1 steps 2-6 for one clip, exactly as the upstream dataset and inference scripts do them."""
+    """ALGORITHM §1 steps 2-6 for one clip, exactly as the upstream dataset and inference scripts do them."""
     x = row.float()
     if sample_rate != 16000:
         x = AF.resample(x, sample_rate, 16000)

@@ -1,4 +1,4 @@
-"""Teacher targets (SPEC §4 make_targets, §5.3 token subsets): layer_targets, every backend against the reference.
+"""Teacher targets (ALGORITHM §4 make_targets, §5.3 token subsets): layer_targets, every backend against the reference.
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py).
 """
@@ -29,7 +29,7 @@ def _layers(L, B, T, D, dtype=torch.float32, seed=0, device=DEV):
 
 
 def _oracle(layers, top_k, token_index=None):
-    """SPEC §4 in float64, written out independently of the reference: IN over tokens, mean of top-k, LN over D."""
+    """ALGORITHM §4 in float64, written out independently of the reference: IN over tokens, mean of top-k, LN over D."""
     ys = [y.double() for y in layers[len(layers) - top_k :]]
     if token_index is not None:
         ys = [y[:, token_index.cpu()] for y in ys]
@@ -233,7 +233,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_cuda_sslam_shapes(dtype):
-    # Teacher A: 12 layers x 24 rows x 512 tokens x 768; teacher B: 272 kept tokens of 12 rows (SPEC §5.2, §5.3).
+    # Teacher A: 12 layers x 24 rows x 512 tokens x 768; teacher B: 272 kept tokens of 12 rows (ALGORITHM §5.2, §5.3).
     ys = _layers(12, 24, 512, 768, DTYPES[dtype], device="cuda")
     for k in (12, 1):
         got = layer_targets(ys, k)  # auto -> triton on CUDA

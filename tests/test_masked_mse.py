@@ -1,4 +1,4 @@
-"""Masked patch loss (SPEC §4, §5.4): masked_mse, forward and gradients of every backend against the reference.
+"""Masked patch loss (ALGORITHM §4, §5.4): masked_mse, forward and gradients of every backend against the reference.
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py). The C++ kernel
 (csrc/loss.cpp) runs on CPU tensors: the shared tests give it CPU tensors even when there is a GPU.

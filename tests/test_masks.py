@@ -1,4 +1,4 @@
-"""Inverse block masks (SPEC §3): exact counts, the block structure, the distribution of every backend against the
+"""Inverse block masks (ALGORITHM §3): exact counts, the block structure, the distribution of every backend against the
 reference (bounds from standard errors), determinism, layout, validation, and mask_indices.
 
 Statistical comparisons: every check compares a mean of per-row values (rows are independent), and allows
@@ -44,7 +44,7 @@ def raw_and_final(backend, batch, clones, grid=(64, 8), ml=5, nc=5, keep=102, se
 
 
 def spec_blocks(H, W, ml) -> torch.Tensor:
-    """(L, L) bool: row c = the clamped ml x ml block of centre c, by the SPEC pseudocode's loops."""
+    """(L, L) bool: row c = the clamped ml x ml block of centre c, by the ALGORITHM §3 pseudocode's loops."""
     L, o = H * W, ml // 2
     blocks = torch.zeros(L, L, dtype=torch.bool)
     for c in range(L):
@@ -56,7 +56,7 @@ def spec_blocks(H, W, ml) -> torch.Tensor:
 
 
 def spec_simulation(K, H, W, nc, ml, keep, g) -> torch.Tensor:
-    """SPEC §3 pseudocode, literally (explicit loops); (K, L) float, 1 = masked. Same RNG calls in the same order."""
+    """ALGORITHM §3 pseudocode, literally (explicit loops); (K, L) float, 1 = masked. Same RNG calls in the same order."""
     L, o = H * W, ml // 2
     M = torch.zeros(K, H, W)
     idx = torch.randint(0, L, (K, nc), generator=g)
@@ -280,12 +280,12 @@ def test_reference_is_the_spec_pseudocode_bit_for_bit():
 
 
 def test_reference_pre_fixup_statistics_match_spec():
-    """SPEC §3 Monte-Carlo (20k draws): pre-fix-up kept count 95.7 on average, ~68% of rows below 102, ~29% above."""
+    """ALGORITHM §3 Monte-Carlo (20k draws): pre-fix-up kept count 95.7 on average, ~68% of rows below 102, ~29% above."""
     raw, _ = raw_and_final("reference", 1, 4096, keep=None, seed=3)
     n = raw.sum(1).double()
     exact = (1 - (1 - spec_blocks(64, 8, 5).double().sum(0) / 512) ** 5).sum().item()  # 95.770
     se_spec = n.std().item() / math.sqrt(20000)
-    assert abs(exact - 95.7) <= 0.05 + Z * se_spec  # SPEC rounds to 0.1
+    assert abs(exact - 95.7) <= 0.05 + Z * se_spec  # ALGORITHM §3 rounds to 0.1
     assert abs(n.mean().item() - exact) <= Z * n.std().item() / math.sqrt(len(n))
     for share, spec in (((n < 102).double(), 0.68), ((n > 102).double(), 0.29)):
         se = math.sqrt(spec * (1 - spec) / 20000 + spec * (1 - spec) / len(n))

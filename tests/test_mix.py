@@ -1,4 +1,4 @@
-"""SSLAM mixing ops: partial_max_mix, sample_mix_windows, mix_waveforms (SPEC §5.1).
+"""SSLAM mixing ops: partial_max_mix, sample_mix_windows, mix_waveforms (ALGORITHM §5.1).
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py).
 """

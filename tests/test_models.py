@@ -1,4 +1,4 @@
-"""The EAT / SSLAM model (SPEC §2-§5): layout, formulas, fast vs plain objectives, EMA, validation."""
+"""The EAT / SSLAM model (ALGORITHM §2-§5): layout, formulas, fast vs plain objectives, EMA, validation."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_tiny_layout_and_contract_names():
     # the teacher starts as the student (make_target_model)
     for k, v in m.student.state_dict().items():
         assert torch.equal(v, m.teacher.state_dict()[k]), k
-    # SPEC §2.3 initialisation
+    # ALGORITHM §2.3 initialisation
     assert float(m.student.blocks[0].attn.qkv.bias.detach().abs().max()) == 0
     assert abs(float(m.student.blocks[0].mlp.fc1.weight.detach().std()) - 0.02) < 0.002
     assert float(m.student.cls_token.detach().std()) > 0.5  # N(0, 1)
@@ -61,7 +61,7 @@ def test_base_param_count():
     with torch.device("meta"):
         parts = (EATEncoder(cfg), CNNDecoder(cfg))
     n = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-    assert 87e6 < n < 89e6  # "about 88M including the decoder" (SPEC §2.1): 85.25M encoder + 2.59M decoder
+    assert 87e6 < n < 89e6  # "about 88M including the decoder" (ALGORITHM §2.1): 85.25M encoder + 2.59M decoder
     assert parts[0].pos_embed.is_meta
 
 

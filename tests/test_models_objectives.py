@@ -1,4 +1,4 @@
-"""EAT / SSLAM objectives (SPEC §4, §5): fast vs plain vs hand computation, gradients, EMA, validation."""
+"""EAT / SSLAM objectives (ALGORITHM §4, §5): fast vs plain vs hand computation, gradients, EMA, validation."""
 
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ def test_ema_step_update_and_guard(fast):
         want = s[n] if n == "pos_embed" else before[n] * d + s[n] * (1 - d)  # the frozen table is copied
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
     assert model.ema_step(1, fast=fast) is False  # same update count again: skipped
-    # resuming stage 2 from a checkpoint at 400k updates: step 0 skips and the schedule restarts (SPEC §11.9)
+    # resuming stage 2 from a checkpoint at 400k updates: step 0 skips and the schedule restarts (ALGORITHM §11.9)
     model.num_updates = 400000
     snap = [p.clone() for p in model.teacher.parameters()]
     assert model.ema_step(0, fast=fast) is False and model.num_updates == 0

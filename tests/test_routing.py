@@ -1,4 +1,4 @@
-"""Multi-clone routing ops: clone_gather (student input) and decoder_scatter (decoder input), SPEC §2.1 and §3.
+"""Multi-clone routing ops: clone_gather (student input) and decoder_scatter (decoder input), ALGORITHM §2.1 and §3.
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py).
 """

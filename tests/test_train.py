@@ -209,7 +209,7 @@ def test_ema_follows_config():
         for p in model.student.parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    assert math.isnan(_ema_step(model, 2, cfg))  # the resume guard: 0 -> 2 skips (SPEC §11.9)
+    assert math.isnan(_ema_step(model, 2, cfg))  # the resume guard: 0 -> 2 skips (ALGORITHM §11.9)
     model.num_updates = 1
     d = _ema_step(model, 2, cfg)
     assert d == pytest.approx(0.7)

@@ -1,6 +1,6 @@
-"""Building sslam_fast models from checkpoints and writing fairseq-layout checkpoints (SPEC §8).
+"""Building sslam_fast models from checkpoints and writing fairseq-layout checkpoints (ALGORITHM §8).
 
-Files written here load in upstream fairseq (``checkpoint_utils.load_model_ensemble_and_task``) as far as SPEC §8
+Files written here load in upstream fairseq (``checkpoint_utils.load_model_ensemble_and_task``) as far as ALGORITHM §8
 describes what that loader needs: ``optimizer_history[-1]`` with ``optimizer_name`` / ``lr_scheduler_state`` /
 ``num_updates``, a plain ``cfg`` with resolved ``model`` and ``task`` groups, student + decoder under ``model`` and the
 fp32 teacher under ``model['_ema']``. Everything in them is plain data, so they also load with ``weights_only=True``.
@@ -205,9 +205,9 @@ def load_pretraining(path: PathLike, stage: str = "eat", clones: int | None = No
     """A ``PretrainingModel`` to continue pre-training from a fairseq pre-training file: student and decoder from
     ``model``, teacher from ``model['_ema']``, ``num_updates`` from ``optimizer_history[-1]``.
 
-    ``clones`` defaults to the file's ``clone_batch``, else 16 for ``stage="eat"`` and 8 for ``"sslam"`` (SPEC §7).
+    ``clones`` defaults to the file's ``clone_batch``, else 16 for ``stage="eat"`` and 8 for ``"sslam"`` (ALGORITHM §7).
     Starting SSLAM stage 2 from an EAT checkpoint: upstream keeps the file's update count on the model (so the first
-    EMA step is skipped, SPEC §11.9) and restarts the optimizer and schedule; set ``model.num_updates`` yourself to
+    EMA step is skipped, ALGORITHM §11.9) and restarts the optimizer and schedule; set ``model.num_updates`` yourself to
     deviate.
     """
     from sslam_fast.models import PretrainingModel
@@ -267,7 +267,7 @@ def fairseq_pretrain_cfg(cfg) -> dict:
         supported_modality="IMAGE", mae_init=False, seed=1, skip_ema=False, cls_loss=float(cfg.cls_loss_weight),
         recon_loss=0.0, d2v_loss=1.0, decoder_group=False,
     )
-    # only fields SPEC §1/§3 names: fairseq merges this into the task dataclass, where an unknown field is an error
+    # only fields ALGORITHM §1/§3 names: fairseq merges this into the task dataclass, where an unknown field is an error
     task = dict(_name="mae_image_pretraining", data="", precompute_mask_config={}, h5_format=False, downsr_16hz=True,
                 target_length=cfg.num_frames, roll_aug=False, noise=False)
     return dict(_name=None, common=dict(fp16=True, seed=1), model=model, task=task,

@@ -1,4 +1,4 @@
-"""Checkpoint formats and the key mapping between upstream names and the sslam_fast module names (SPEC §8).
+"""Checkpoint formats and the key mapping between upstream names and the sslam_fast module names (ALGORITHM §8).
 
 Upstream names come from ``[E] models/EAT_pretraining.py : Data2VecMultiModel`` (``state_dict`` adds the fp32 EMA
 teacher as ``_ema``), ``models/images.py : ImageEncoder``, ``models/modules.py : AltBlock, Decoder2d``,
@@ -155,7 +155,7 @@ def _default_pos(enc: dict[str, torch.Tensor]) -> None:
     if "pos_embed" not in enc:
         from sslam_fast.models.encoder import sincos_pos_table
 
-        # SPEC §8: the HF port may not store the table; it is the fixed sin-cos table (max_length 768 time patches)
+        # ALGORITHM §8: the HF port may not store the table; it is the fixed sin-cos table (max_length 768 time patches)
         enc["pos_embed"] = sincos_pos_table(enc["patch_embed.weight"].shape[0], 768, 8).unsqueeze(0)
 
 
@@ -199,7 +199,7 @@ def _map_hf(sd: Mapping) -> dict[str, dict[str, torch.Tensor]]:
     what = "HF safetensors port"
     names = _encoder_names(_HF_ENCODER, "model.", max(_depth_of(sd, "model."), 1))
     head_names: dict[str, str] = {}
-    for k in _HEAD:  # fc_norm / head, with or without the ``model.`` prefix (SPEC §8: unverified names)
+    for k in _HEAD:  # fc_norm / head, with or without the ``model.`` prefix (ALGORITHM §8: unverified names)
         name = "model." + k if "model." + k in sd or k not in sd else k
         head_names[name] = k
     has_head = any(k in sd for k in head_names)

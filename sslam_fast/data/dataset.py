@@ -1,7 +1,7 @@
 """Manifests, clip decoding, batching, bad-file accounting and a resumable distributed sampler.
 
 Mirrors upstream fairseq ``data/audio/raw_audio_dataset.py`` (``FileAudioDataset``: manifest format, soundfile float32
-read, ``torchaudio.functional.resample`` to 16 kHz, random crop to a fixed size) with the fixes of SPEC §11.7-8: the
+read, ``torchaudio.functional.resample`` to 16 kHz, random crop to a fixed size) with the fixes of ALGORITHM §11.7-8: the
 channels are averaged BEFORE resampling, and a file that cannot be read is skipped and recorded instead of ``exit()``.
 """
 
@@ -118,7 +118,7 @@ class AudioClipDataset(torch.utils.data.Dataset):
             wav, sr = load_audio(self.files[i])  # mono mix happens here, before resampling
         except AudioError as e:
             return self._bad(i, str(e))
-        except Exception as e:  # never let one file kill the job (SPEC §11.7)
+        except Exception as e:  # never let one file kill the job (ALGORITHM §11.7)
             return self._bad(i, f"{type(e).__name__}: {e}")
         if sr != self.sample_rate:
             import torchaudio

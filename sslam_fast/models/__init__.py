@@ -1,4 +1,4 @@
-"""The EAT / SSLAM model: encoder, CNN decoder, EMA teacher and objectives (SPEC §2-§5), and the classifier."""
+"""The EAT / SSLAM model: encoder, CNN decoder, EMA teacher and objectives (ALGORITHM §2-§5), and the classifier."""
 
 from sslam_fast.models.classifier import AudioClassifier
 from sslam_fast.models.config import ModelConfig

@@ -1,4 +1,4 @@
-"""The EAT / SSLAM model configuration (SPEC §2, §3, §4, §5; upstream ``[E] config/pretraining_AS2M.yaml``)."""
+"""The EAT / SSLAM model configuration (ALGORITHM §2, §3, §4, §5; upstream ``[E] config/pretraining_AS2M.yaml``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The EAT / SSLAM CNN decoder (SPEC §2.2): ``[E] models/modules.py : Decoder2d`` with ``decoder_residual=True``.
+"""The EAT / SSLAM CNN decoder (ALGORITHM §2.2): ``[E] models/modules.py : Decoder2d`` with ``decoder_residual=True``.
 
 ``blocks.{i}`` is an ``nn.Sequential`` laid out like upstream's (conv, channel-LayerNorm via two transposes, GELU), so
 its index 0 is the grouped conv and the state-dict keys map one to one (``decoder.blocks.{i}.0``). ``proj`` is the

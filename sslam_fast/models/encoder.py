@@ -1,4 +1,4 @@
-"""The EAT / SSLAM encoder (SPEC §2.1): patch conv, fixed 2-D sin-cos table, CLS, input LayerNorm, post-LN blocks.
+"""The EAT / SSLAM encoder (ALGORITHM §2.1): patch conv, fixed 2-D sin-cos table, CLS, input LayerNorm, post-LN blocks.
 
 Mirrors ``[E] models/images.py : ImageEncoder`` (``PatchEmbed_new``, ``get_2d_sincos_pos_embed_flexible``),
 ``models/base.py : ModalitySpecificEncoder.contextualized_features`` (``prenet_depth=0``: the context encoder is a
@@ -24,7 +24,7 @@ __all__ = ["EATEncoder", "Block", "sincos_pos_table"]
 
 
 def sincos_pos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
-    """The fixed 2-D sin-cos table (time_patches * freq_patches, embed_dim), float32 (SPEC §2.1).
+    """The fixed 2-D sin-cos table (time_patches * freq_patches, embed_dim), float32 (ALGORITHM §2.1).
 
     Token n = freq_patches * t + f. With Q = embed_dim / 4 and w_k = 10000^(-k/Q): dims [0, Q) sin(f w_k),
     [Q, 2Q) cos(f w_k), [2Q, 3Q) sin(t w_k), [3Q, 4Q) cos(t w_k): the FREQUENCY index comes first, because upstream's
@@ -125,7 +125,7 @@ class EATEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """SPEC §2.3: ``init_bert_params`` (Linear N(0, 0.02), bias 0), xavier_uniform on the patch conv viewed
+        """ALGORITHM §2.3: ``init_bert_params`` (Linear N(0, 0.02), bias 0), xavier_uniform on the patch conv viewed
         (D, p*p*C), CLS ~ N(0, 1) (``init_extra_token_zero: false``), LayerNorms 1 / 0."""
         if self.cls_token.is_meta:  # a meta-device build has no values to initialise
             return

@@ -1,4 +1,4 @@
-"""The EAT (stage 1, SPEC §4) and SSLAM (stage 2, SPEC §5) objectives, as a fast path and a plain path.
+"""The EAT (stage 1, ALGORITHM §4) and SSLAM (stage 2, ALGORITHM §5) objectives, as a fast path and a plain path.
 
 ``losses_fast`` runs on ``sslam_fast.ops``: ``clone_gather`` (no repeat_interleave of the clip batch),
 ``attention``, ``decoder_scatter``, ``decoder_block``, ``layer_targets`` (teacher B's targets computed on its kept
@@ -25,7 +25,7 @@ __all__ = ["losses_fast", "losses_plain", "kept_time_rows", "kept_token_index"]
 
 
 def kept_time_rows(H: int, windows: tuple[int, int], window_patches: int) -> list[int]:
-    """Time-patch rows outside both unmixed windows, ascending (teacher B's rows, SPEC §5.2)."""
+    """Time-patch rows outside both unmixed windows, ascending (teacher B's rows, ALGORITHM §5.2)."""
     a, b = windows
     return [t for t in range(H) if not (a <= t < a + window_patches or b <= t < b + window_patches)]
 

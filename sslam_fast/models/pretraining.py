@@ -1,4 +1,4 @@
-"""The EAT / SSLAM pre-training model: student encoder, CNN decoder, EMA teacher and the objectives (SPEC §2-§5).
+"""The EAT / SSLAM pre-training model: student encoder, CNN decoder, EMA teacher and the objectives (ALGORITHM §2-§5).
 
 ``PretrainingModel(cfg).losses(source, masks, mix_windows=None)`` returns the loss terms of one step; ``ema_step(n)``
 is fairseq's ``set_num_updates`` (resume guard + decay schedule + EMA update of the teacher). Submodule names follow the
@@ -45,11 +45,11 @@ class PretrainingModel(nn.Module):
         self.teacher.eval()  # the EMA teacher always runs in eval mode
         return self
 
-    # --- EMA teacher (SPEC §4) --------------------------------------------------------------------------------------
+    # --- EMA teacher (ALGORITHM §4) --------------------------------------------------------------------------------------
 
     def ema_due(self, num_updates: int) -> bool:
         """Whether ``ema_step(num_updates)`` averages the teacher: in training mode, and not the resume guard's skip
-        (``(self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates``, SPEC §11.9)."""
+        (``(self.num_updates == 0 and num_updates > 1) or self.num_updates >= num_updates``, ALGORITHM §11.9)."""
         n = int(num_updates)
         return self.training and not ((self.num_updates == 0 and n > 1) or self.num_updates >= n)
 
@@ -62,7 +62,7 @@ class PretrainingModel(nn.Module):
         When :meth:`ema_due` (training mode, past the resume guard: after loading a checkpoint at n > 0 the first
         call does nothing), ``teacher <- d * teacher + (1 - d) * student`` with ``d = ema_decay(num_updates,
         *schedule)`` for trained parameters and a copy for frozen ones (the positional table); ``schedule`` is
-        (start, end, end_step), None for SPEC's 0.9998 -> 0.99999 over 100k. Always sets ``self.num_updates``.
+        (start, end, end_step), None for ALGORITHM §4's 0.9998 -> 0.99999 over 100k. Always sets ``self.num_updates``.
         Returns whether the teacher was updated (False also when d is 1).
         """
         if isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral) or num_updates < 0:
@@ -93,7 +93,7 @@ class PretrainingModel(nn.Module):
         self.num_updates = n
         return updated
 
-    # --- objectives (SPEC §4, §5) -----------------------------------------------------------------------------------
+    # --- objectives (ALGORITHM §4, §5) -----------------------------------------------------------------------------------
 
     def _check_inputs(self, source, masks, mix_windows, mask_noise_std, num_kept):
         """Structural checks always; the checks that read tensor values (equal kept counts, window offsets given as
@@ -181,7 +181,7 @@ class PretrainingModel(nn.Module):
         fast: bool | None = None,
         num_kept: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The loss terms of one pre-training step (SPEC §4 stage 1, §5 stage 2).
+        """The loss terms of one pre-training step (ALGORITHM §4 stage 1, §5 stage 2).
 
         Args:
             source: (B, 1, T, 128) normalised log-mels, T a multiple of 16 (1024 upstream).

@@ -1,4 +1,4 @@
-"""Encoder self-attention (SPEC §2.1): ``softmax_fp32(q k^T / sqrt(D)) v`` per head, no mask, as a dispatching op.
+"""Encoder self-attention (ALGORITHM §2.1): ``softmax_fp32(q k^T / sqrt(D)) v`` per head, no mask, as a dispatching op.
 
 Backends:
 - ``reference``: upstream's materialised path (``sslam_fast.reference.attention``), plain torch with its autograd.
@@ -156,7 +156,7 @@ _flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Multi-head self-attention of the encoder blocks, ``AltAttention`` from q, k, v on (SPEC §2.1).
+    """Multi-head self-attention of the encoder blocks, ``AltAttention`` from q, k, v on (ALGORITHM §2.1).
 
     Args:
         q, k, v: (B, H, L, D) float32 / float16 / bfloat16, identical shape, dtype and device; D in {16, 32, 64, 128}

@@ -1,4 +1,4 @@
-"""The CNN decoder block of EAT / SSLAM as ATen conv + one fused custom op (SPEC §2.2).
+"""The CNN decoder block of EAT / SSLAM as ATen conv + one fused custom op (ALGORITHM §2.2).
 
 ``decoder_block(z, w, b, groups)`` = ``GELU(LayerNorm_C(GroupConv3x3(z))) + z`` on (R, C, H, W) feature maps. The
 grouped convolution (and its backward) stays in ATen / cuDNN; everything after it is the custom op
@@ -162,7 +162,7 @@ def decoder_block(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One EAT decoder block with its residual: ``GELU(LayerNorm_C(GroupConv(z))) + z`` (SPEC §2.2).
+    """One EAT decoder block with its residual: ``GELU(LayerNorm_C(GroupConv(z))) + z`` (ALGORITHM §2.2).
 
     Args:
         z: (R, C, H, W) float32 / float16 / bfloat16, channel-first like upstream (H = 64 time, W = 8 frequency

@@ -1,4 +1,4 @@
-"""The EMA teacher update with fused multi-tensor kernels, and its decay schedule (SPEC §4).
+"""The EMA teacher update with fused multi-tensor kernels, and its decay schedule (ALGORITHM §4).
 
 ``ema_update_(teacher, student, decay)`` does what fairseq's ``EMAModule._step_internal`` does parameter by parameter
 (``teacher.mul_(1 - lr); teacher.add_(student.to(teacher.dtype), alpha=lr)`` with ``lr = 1 - decay``, or a copy for
@@ -41,7 +41,7 @@ def _check_unit_interval(name: str, value) -> float:
 
 
 def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end_step: int = 100000) -> float:
-    """The EMA decay for update ``num_updates`` (SPEC §4, fairseq ``get_annealed_rate``).
+    """The EMA decay for update ``num_updates`` (ALGORITHM §4, fairseq ``get_annealed_rate``).
 
     ``end - (end - start) * (1 - num_updates / end_step)`` for ``num_updates < end_step``, else ``end``.
     ``num_updates`` is the number of optimizer steps done so far (int >= 0); start and end lie in [0, 1];
@@ -94,7 +94,7 @@ def _mixed_dtype_in_place_ok(copy: bool, t_device, t_dtype, s_device, s_dtype) -
 
 @torch.no_grad()
 def ema_update_(teacher_params, student_params, decay: float, frozen=None) -> None:
-    """EMA teacher update in place: ``teacher <- decay * teacher + (1 - decay) * student`` (SPEC §4).
+    """EMA teacher update in place: ``teacher <- decay * teacher + (1 - decay) * student`` (ALGORITHM §4).
 
     Args:
         teacher_params: list/tuple/iterable of float tensors (the EMA master, usually fp32), updated in place.

@@ -1,7 +1,7 @@
 """Kaldi-compatible log-mel filterbanks and the whole EAT input transform, as dispatching custom ops.
 
 ``kaldi_fbank`` equals ``torchaudio.compliance.kaldi.fbank`` with EAT's arguments, row by row, on a padded batch.
-``eat_features`` is SPEC §1 steps 2-6 in one call: resample to 16 kHz, clip-mean removal, fbank, pad/crop to
+``eat_features`` is ALGORITHM §1 steps 2-6 in one call: resample to 16 kHz, clip-mean removal, fbank, pad/crop to
 ``target_length`` frames and ``(x - mean) / (2 std)``.
 
 Backends: ``reference`` (plain PyTorch, any device), ``cpp`` (``sslam_fast._C``: OpenMP framing, torch's FFT, sparse
@@ -290,7 +290,7 @@ def eat_features(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The EAT/SSLAM model input (SPEC §1) of a batch of waveforms.
+    """The EAT/SSLAM model input (ALGORITHM §1) of a batch of waveforms.
 
     Resamples to 16 kHz when ``sample_rate`` differs (``torchaudio.functional.resample`` semantics), removes each row's
     mean over its valid samples, computes the Kaldi fbank (128 bins), zero-pads or crops to ``target_length`` frames

@@ -1,4 +1,4 @@
-"""The EAT / SSLAM masked patch loss as a dispatching custom op: ``masked_mse`` (SPEC §4, §5.4).
+"""The EAT / SSLAM masked patch loss as a dispatching custom op: ``masked_mse`` (ALGORITHM §4, §5.4).
 
 ``masked_mse(pred, target, mask)`` = ``sum over rows, masked tokens and channels of (pred - target)^2 / sqrt(D)``,
 fp32, without gathering the masked tokens and without repeat-interleaving a per-clip target over the clones
@@ -154,7 +154,7 @@ def masked_mse(
     clones: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """EAT's frame (patch) loss summed over the masked tokens (SPEC §4 ``d2v_loss`` + the criterion's sum).
+    """EAT's frame (patch) loss summed over the masked tokens (ALGORITHM §4 ``d2v_loss`` + the criterion's sum).
 
     Args:
         pred: (R, N, D) float32 / float16 / bfloat16, the decoder output (any strides over R and N; unit stride

@@ -1,4 +1,4 @@
-"""Inverse block masks as a dispatching custom op (SPEC §3), and the gather/restore indices of a mask.
+"""Inverse block masks as a dispatching custom op (ALGORITHM §3), and the gather/restore indices of a mask.
 
 ``inverse_block_mask`` draws the EAT/SSLAM pre-training masks of a whole batch: (batch_size * clones, H*W) bool,
 True = masked, with exactly the distribution of upstream ``compute_block_mask_2d`` (``inverse_mask=True``,
@@ -197,7 +197,7 @@ def inverse_block_mask(
     backend: str = "auto",
     seed: int | None = None,
 ) -> torch.Tensor:
-    """The EAT/SSLAM inverse block multi-masks of a batch (SPEC §3).
+    """The EAT/SSLAM inverse block multi-masks of a batch (ALGORITHM §3).
 
     Args:
         batch_size: clips B (> 0).
@@ -263,7 +263,7 @@ def inverse_block_mask(
 
 
 def mask_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather and restore indices of a mask (``make_maskinfo``, SPEC §3).
+    """Gather and restore indices of a mask (``make_maskinfo``, ALGORITHM §3).
 
     Args:
         mask: (R, N) bool, integer or float (finite); nonzero = masked. Every row must keep the same count k.

@@ -1,6 +1,6 @@
 """SSLAM mixing as dispatching custom ops: the partial max-mix of log-mels, its window sampler, SNR mixing of waveforms.
 
-``partial_max_mix`` is SPEC §5.1: row i of the mix is ``max(x[i], x[i-1])`` (cyclic partner) outside two unmixed
+``partial_max_mix`` is ALGORITHM §5.1: row i of the mix is ``max(x[i], x[i-1])`` (cyclic partner) outside two unmixed
 windows of ``window_frames`` frames and ``x[i]`` inside them; with ``concat=True`` it returns the stage-2 model input
 ``cat([x, x_mix])`` in one pass. ``sample_mix_windows`` draws the windows with upstream's distribution.
 ``mix_waveforms`` adds a partner waveform at a requested SNR.
@@ -192,7 +192,7 @@ def partial_max_mix(
     concat: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """SSLAM's partially mixed spectrogram (SPEC §5.1).
+    """SSLAM's partially mixed spectrogram (ALGORITHM §5.1).
 
     Args:
         spec: (B, 1, T, F) float32 / float16 / bfloat16, the normalised log-mel batch.
@@ -231,7 +231,7 @@ def sample_mix_windows(
     window_frames: int = ref.WINDOW_FRAMES,
     step: int = ref.WINDOW_STEP,
 ) -> tuple[int, int]:
-    """Draw the two unmixed windows (s1, s2) with upstream's distribution (SPEC §5.1).
+    """Draw the two unmixed windows (s1, s2) with upstream's distribution (ALGORITHM §5.1).
 
     s1 is uniform over ``range(0, num_frames // 2, step)``, then s2 uniform over
     ``range(s1 + window_frames, num_frames - window_frames - 1, step)``; for the defaults s1 in {0, 16, ..., 496}

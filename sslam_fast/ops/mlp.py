@@ -1,4 +1,4 @@
-"""The transformer MLP with its GELU recomputed in the backward pass: ``gelu_mlp`` (SPEC §2.1, timm ``Mlp``).
+"""The transformer MLP with its GELU recomputed in the backward pass: ``gelu_mlp`` (ALGORITHM §2.1, timm ``Mlp``).
 
 ``gelu_mlp(x, w1, b1, w2, b2) = linear(gelu(linear(x, w1, b1)), w2, b2)`` with exact-erf GELU, the same ATen kernels
 as ``nn.Sequential(fc1, GELU(), fc2)`` in the same order, so the forward is bit for bit the plain module's. Autograd

@@ -1,4 +1,4 @@
-"""EAT / SSLAM teacher targets as a dispatching custom op: ``layer_targets`` (SPEC §4 make_targets, §5.3).
+"""EAT / SSLAM teacher targets as a dispatching custom op: ``layer_targets`` (ALGORITHM §4 make_targets, §5.3).
 
 ``layer_targets(layer_outputs, top_k, token_index)`` instance-normalises each of the last ``top_k`` FFN outputs over
 tokens, averages them and LayerNorms the mean over channels (fp32, eps 1e-5, no affine). ``token_index`` restricts
@@ -92,7 +92,7 @@ def _check_token_index(token_index, num_tokens: int, device: torch.device) -> to
 
 
 def layer_targets(layer_outputs, top_k: int, token_index: torch.Tensor | None = None, *, backend: str = "auto"):
-    """Teacher targets from the FFN outputs of the teacher blocks (SPEC §4 ``make_targets``).
+    """Teacher targets from the FFN outputs of the teacher blocks (ALGORITHM §4 ``make_targets``).
 
     Args:
         layer_outputs: a list/tuple of L tensors (B, T, D), oldest layer first, or one stacked (L, B, T, D) tensor;

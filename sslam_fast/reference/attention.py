@@ -1,4 +1,4 @@
-"""Plain-PyTorch encoder attention: the spec (SPEC §2.1) in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch encoder attention: the spec (ALGORITHM §2.1) in code, the CPU fallback, the test oracle.
 
 ``attention`` mirrors ``[E] models/modules.py : AltAttention.forward`` (no cosine attention, no ALiBi, no padding mask,
 dropout 0), from the per-head q, k, v on: ``q`` is multiplied by ``head_dim ** -0.5`` in its own dtype, the scores

@@ -1,4 +1,4 @@
-"""Plain-PyTorch Kaldi filterbank and EAT input transform: SPEC §1 in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch Kaldi filterbank and EAT input transform: ALGORITHM §1 in code, the CPU fallback, the test oracle.
 
 Mirrors ``torchaudio.compliance.kaldi.fbank`` (``_get_window``, ``get_mel_banks``) with the arguments EAT/SSLAM use
 (``[E] data/raw_audio_dataset.py : RawAudioDataset.postprocess``, ``feature_extract/feature_extract.py``):
@@ -175,7 +175,7 @@ def clip_means(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def remove_clip_mean(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``x - mean(x)`` over each row's valid samples (SPEC §1.3). Samples past a row's length never enter a frame."""
+    """``x - mean(x)`` over each row's valid samples (ALGORITHM §1.3). Samples past a row's length never enter a frame."""
     x = waveforms.to(torch.float32)
     return x - clip_means(x, lengths).unsqueeze(1)
 

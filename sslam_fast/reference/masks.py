@@ -1,4 +1,4 @@
-"""Plain-PyTorch inverse block masks: the spec (SPEC §3) in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch inverse block masks: the spec (ALGORITHM §3) in code, the CPU fallback, the test oracle.
 
 Mirrors ``[E] utils/data_utils.py : compute_block_mask_2d`` (the EAT fork of
 ``[F] fairseq/data/data_utils.py : compute_block_mask_2d``) with the arguments EAT/SSLAM use through
@@ -155,7 +155,7 @@ def mask_indices(mask: torch.Tensor, num_keep: int | None = None) -> tuple[torch
     ``[kept ascending, masked ascending]``, so ``cat(kept, masked).gather(1, ids_restore)`` is the original order.
     ``num_keep`` is k when the caller knows it (else read from row 0). Upstream (``[E] models/base.py :
     make_maskinfo``) builds the same two index tensors with an unstable ``argsort``, so its kept tokens come in an
-    arbitrary order; SPEC §3 shows the order is immaterial, and a stable sort makes it ascending.
+    arbitrary order; ALGORITHM §3 shows the order is immaterial, and a stable sort makes it ascending.
     """
     masked = (mask != 0).to(torch.uint8)
     ids_shuffle = torch.sort(masked, dim=1, stable=True).indices  # kept (0) ascending, then masked (1) ascending

@@ -1,4 +1,4 @@
-"""Plain-PyTorch SSLAM mixing: the spec (SPEC §5.1) in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch SSLAM mixing: the spec (ALGORITHM §5.1) in code, the CPU fallback, the test oracle.
 
 ``partial_max_mix`` mirrors ``[S] Pre-Training/SSLAM_Stage2/models/EAT_pretraining.py : Data2VecMultiModel.forward``
 ("MIXING SPECTS"): the batch is rolled by one clip (``partner(i) = i - 1``, cyclically), the rolled copy is set to

@@ -1,4 +1,4 @@
-"""Plain-PyTorch multi-clone routing: the spec (SPEC §2.1, §3) in code, the CPU fallback, the test oracle.
+"""Plain-PyTorch multi-clone routing: the spec (ALGORITHM §2.1, §3) in code, the CPU fallback, the test oracle.
 
 ``clone_gather`` mirrors the student's input path in
 ``[E] models/base.py : ModalitySpecificEncoder.contextualized_features``
@@ -107,7 +107,7 @@ def mask_noise(
 
 
 def decoder_scatter(x: torch.Tensor, ids_restore: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``gather(cat[x[:, 1:], noise], 1, ids_restore)``: the decoder input of SPEC §3.
+    """``gather(cat[x[:, 1:], noise], 1, ids_restore)``: the decoder input of ALGORITHM §3.
 
     Args:
         x: (R, 1 + k, D) student encoder output (CLS first).

@@ -1,4 +1,4 @@
-"""Plain-PyTorch training ops: the spec (SPEC §2.2, §4, §5.3) in code, the CPU fallback and the test oracle.
+"""Plain-PyTorch training ops: the spec (ALGORITHM §2.2, §4, §5.3) in code, the CPU fallback and the test oracle.
 
 - ``ema_update_`` / ``ema_decay``: the EMA teacher update and its decay schedule, mirroring
   ``[F] fairseq/modules/ema_module.py : EMAModule._step_internal`` and
@@ -26,7 +26,7 @@ NORM_EPS = 1e-5  # F.instance_norm / F.layer_norm defaults, used upstream by mak
 
 
 def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end_step: int = 100000) -> float:
-    """The EMA decay after ``num_updates`` optimizer steps (SPEC §4): linear from ``start`` to ``end``, then ``end``.
+    """The EMA decay after ``num_updates`` optimizer steps (ALGORITHM §4): linear from ``start`` to ``end``, then ``end``.
 
     Mirrors fairseq ``get_annealed_rate(start, end, curr_step, total_steps)``.
     """
@@ -68,7 +68,7 @@ def _instance_norm_tokens(y: torch.Tensor) -> torch.Tensor:
 
 
 def layer_targets(layers: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
-    """EAT / SSLAM teacher targets from the top-k FFN outputs (SPEC §4 make_targets, §5.3 for ``token_index``).
+    """EAT / SSLAM teacher targets from the top-k FFN outputs (ALGORITHM §4 make_targets, §5.3 for ``token_index``).
 
     Args:
         layers: (k, B, T, D) float (fp32 / fp16 / bf16): the FFN outputs of the k top layers, oldest first (the

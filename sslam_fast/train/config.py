@@ -1,4 +1,4 @@
-"""Trainer configuration: every hyper-parameter of SPEC §6-§7 plus the run settings, presets and a small CLI parser.
+"""Trainer configuration: every hyper-parameter of ALGORITHM §6-§7 plus the run settings, presets and a small CLI parser.
 
 Upstream sources: ``[E] config/pretraining_AS2M.yaml`` and ``scripts/pretraining_AS2M.sh`` (stage 1, EAT),
 ``[S] S2/scripts/pretrain_stage2.sh`` (stage 2, SSLAM overrides on the same yaml).
@@ -18,7 +18,7 @@ from sslam_fast.models.config import ModelConfig
 
 __all__ = ["ConfigError", "PRESETS", "TrainConfig", "load_config"]
 
-PATCH_SIZE = 16  # SPEC §2.1: 16 x 16 patches; frames are 10 ms apart with a 25 ms window (Kaldi fbank, SPEC §1)
+PATCH_SIZE = 16  # ALGORITHM §2.1: 16 x 16 patches; frames are 10 ms apart with a 25 ms window (Kaldi fbank, ALGORITHM §1)
 _FRAME_SHIFT = 160  # samples at 16 kHz
 _FRAME_LENGTH = 400
 
@@ -29,18 +29,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Run settings and hyper-parameters. Defaults are stage 1 (EAT, SPEC §7); see ``PRESETS`` for stage 2 and tiny."""
+    """Run settings and hyper-parameters. Defaults are stage 1 (EAT, ALGORITHM §7); see ``PRESETS`` for stage 2 and tiny."""
 
     # --- run -----------------------------------------------------------------------------------------------------
     stage: str = "eat"  # "eat" (stage 1) | "sslam" (stage 2)
     init_checkpoint: str = ""  # stage 2 starts from an EAT checkpoint (student from model, teacher from _ema)
     data: str = ""  # manifest path, folder, or "" for the built-in default set
     run_dir: str = "runs/default"
-    seed: int = 1  # common.seed; torch.manual_seed(seed + num_updates) every step (SPEC §6)
+    seed: int = 1  # common.seed; torch.manual_seed(seed + num_updates) every step (ALGORITHM §6)
     batch_size: int = 12  # clips per process
     clip_seconds: float = 10.0
     sample_rate: int = 16000
-    target_length: int = 1024  # frames after crop / pad (SPEC §1)
+    target_length: int = 1024  # frames after crop / pad (ALGORITHM §1)
     grad_accum: int = 1
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is present, else CPU) | "cpu" | "cuda"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
@@ -53,7 +53,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # numbered checkpoints kept besides checkpoint_last.pt; 0 keeps all
     max_bad_file_share: float = 0.05
     max_nonfinite_in_row: int = 20
-    # --- optimiser and schedule (SPEC §6) ---------------------------------------------------------------------------
+    # --- optimiser and schedule (ALGORITHM §6) ---------------------------------------------------------------------------
     lr: float = 5e-4
     warmup_updates: int = 53333
     max_updates: int = 400000
@@ -61,11 +61,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.05
     clip_norm: float = 4.0  # global L2 norm after normalisation; 0 disables
-    # --- EMA teacher (SPEC §4) ------------------------------------------------------------------------------------
+    # --- EMA teacher (ALGORITHM §4) ------------------------------------------------------------------------------------
     ema_start: float = 0.9998
     ema_end: float = 0.99999
     ema_end_step: int = 100000
-    # --- masking and objectives (SPEC §3-§5) ---------------------------------------------------------------------
+    # --- masking and objectives (ALGORITHM §3-§5) ---------------------------------------------------------------------
     clones: int = 16
     mask_prob: float = 0.8
     mask_length: int = 5
@@ -198,9 +198,9 @@ def _num_frames(c: TrainConfig) -> int:
 # --- presets -----------------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, TrainConfig] = {
-    # Stage 1, SPEC §7: 4 x 12 clips, K = 16, 5e-4 / 53,333 / 400,000.
+    # Stage 1, ALGORITHM §7: 4 x 12 clips, K = 16, 5e-4 / 53,333 / 400,000.
     "eat-as2m": TrainConfig(),
-    # Stage 2, SPEC §7: from EAT epoch 10, K = 8 on a doubled batch, 5e-5 / 25,000 / 200,000, save each epoch.
+    # Stage 2, ALGORITHM §7: from EAT epoch 10, K = 8 on a doubled batch, 5e-5 / 25,000 / 200,000, save each epoch.
     "sslam-as2m": TrainConfig(
         stage="sslam", clones=8, lr=5e-5, warmup_updates=25000, max_updates=200000, save_every_updates=40262
     ),

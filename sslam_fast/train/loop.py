@@ -1,4 +1,4 @@
-"""The lean SSLAM / EAT training loop (SPEC §4-§7): data -> features -> masks -> EMA -> losses -> AdamW, with DDP,
+"""The lean SSLAM / EAT training loop (ALGORITHM §4-§7): data -> features -> masks -> EMA -> losses -> AdamW, with DDP,
 gradient accumulation, metrics, atomic fairseq-layout checkpoints and exact resume.
 
 Upstream: ``[F] fairseq_cli/train.py`` and ``trainer.py`` (``train_step``: ``set_num_updates`` of the model, i.e. the
@@ -552,8 +552,8 @@ class _Stepper:
     def run(self, step: int, micro_batches: list[dict], stats: StepStats, check_values: bool) -> None:
         """Update ``step`` (0-based) on the micro-batches of :meth:`fetch`."""
         cfg, clock = self.cfg, stats.clock
-        torch.manual_seed(cfg.seed + step)  # SPEC §6: common.seed + num_updates every step
-        stats.ema_decay = _ema_step(self.model, step, cfg)  # SPEC §4: EMA first, with the updates done
+        torch.manual_seed(cfg.seed + step)  # ALGORITHM §6: common.seed + num_updates every step
+        stats.ema_decay = _ema_step(self.model, step, cfg)  # ALGORITHM §4: EMA first, with the updates done
         self.optimizer.zero_grad(set_to_none=True)
         terms = None
         for micro, batch in enumerate(micro_batches):

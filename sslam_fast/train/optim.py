@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (SPEC §6; upstream ``[F] optim/adam.py``, ``optim/composite.py``,
+"""Optimiser and learning-rate schedule (ALGORITHM §6; upstream ``[F] optim/adam.py``, ``optim/composite.py``,
 ``optim/lr_scheduler/cosine_lr_scheduler.py`` and data2vec 2.0's ``optim_overrides weight_decay_scale=0``)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg) -> float:
-    """SPEC §6: lr_max * n / warmup for n < warmup, then 0.5 * lr_max * (1 + cos(pi * (n - warmup) / (max - warmup))),
+    """ALGORITHM §6: lr_max * n / warmup for n < warmup, then 0.5 * lr_max * (1 + cos(pi * (n - warmup) / (max - warmup))),
     0 from ``max_updates`` on."""
     n, warm, total, peak = int(step), int(cfg.warmup_updates), int(cfg.max_updates), float(cfg.lr)
     if n < 0:
