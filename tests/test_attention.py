@@ -240,7 +240,7 @@ def test_auto_on_cpu_is_cpp(monkeypatch):
         assert _backend.base_name(_backend.resolve("attention", "auto", "cpu")) == "triton"
 
 
-@pytest.mark.parametrize("L", [1, 2, 9, 17, 103])
+@pytest.mark.parametrize("L", [1, 2, 9, 15, 16, 17, 31, 32, 103])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_ID[d])
 @pytest.mark.parametrize("where,value", [("q", float("nan")), ("k", float("nan")), ("v", float("nan")),
                                          ("q", float("inf")), ("q", float("-inf"))])

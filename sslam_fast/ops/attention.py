@@ -41,6 +41,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
+# ATen's CPU flash kernel takes a row's maximum score with vector ops (NaN-propagating) over whole vectors of keys and
+# with a scalar loop over the rest; only a row of fewer keys than one vector is all scalar and can lose its NaN.
+# 16 fp32 keys is the widest vector it uses (AVX-512); measured: fp32 rows of 1-15 keys lose NaN, 16-199 keep it,
+# while bf16 / fp16 rows lose it at every length tried (1-199), so those are always guarded. The model's fp32 rows
+# have 26 keys (tiny) and more: the CPU training step does not pay for the guard (up to +10 % of the forward).
+_FP32_VECTOR_KEYS = 16
+
+
 def _nan_guard(q, k):
     """A (B, H, L, 1) fp32 tensor that is 0 where the reference's output row is finite and NaN where a non-finite q
     row or a NaN in k makes it NaN; added to SDPA's output, without a host sync.
@@ -63,6 +71,8 @@ def _nan_guard(q, k):
 def _attention_cpp(q, k, v):
     # ATen's CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``); same scale as upstream.
     out = F.scaled_dot_product_attention(q, k, v, scale=ref.softmax_scale(q.shape[-1]))
+    if q.dtype == torch.float32 and k.shape[-2] >= _FP32_VECTOR_KEYS:  # the vectorised max sees every NaN: no guard
+        return out
     guard = _nan_guard(q, k).to(out.dtype)  # NaN stays NaN, as the docstring promises
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return out + guard  # SDPA's backward saved out: no in-place change of it
