@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import zlib
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -91,65 +90,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-# How long the ranks wait for each other to join the process group (rank 0's store included): generous, since a busy
-# node can take a while to import torch, yet bounded, so that a group that cannot form fails instead of hanging.
-_JOIN_TIMEOUT = timedelta(minutes=10)
-
-
-def _group_store(rank: int, world: int) -> dist.Store:
-    """A store of this worker group's own, for ``init_process_group`` under torchrun's agent store.
-
-    torchrun's agent serves one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE=True``), and the default
-    ``env://`` set-up builds every incarnation of the worker group on it under the same keys. After a worker dies and
-    ``--max-restarts`` restarts the group, the keys of the dead incarnation are still there: gloo connects to a dead
-    peer's address ("Gloo connectFullMesh failed ... Connection refused"), NCCL reads a stale unique id. Prefixing
-    the keys with ``TORCHELASTIC_RESTART_COUNT`` is not enough: each node's agent counts its own restarts.
-
-    So rank 0 serves a new store on a free port and publishes its port, with a random token, in the agent's store;
-    the other ranks connect to what they read there. What they read may be left by the dead incarnation, whose
-    processes are all gone before the agent starts the next one: its port refuses the connection, or (taken again
-    since) serves a store without the token, and they read again until rank 0 of their own incarnation has written."""
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent = dist.TCPStore(host, port, is_master=False, timeout=_JOIN_TIMEOUT)
-    key = "sslam_fast/group_store/" + os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if rank == 0:
-        # rank 0 runs on the agent's host (MASTER_ADDR); wait_for_workers=False: it must publish before they connect
-        own = dist.TCPStore(host, 0, world, is_master=True, timeout=_JOIN_TIMEOUT, wait_for_workers=False)
-        token = os.urandom(16).hex()
-        own.set("token", token)
-        agent.set(key, f"{own.port} {token}")
-        return own
-    deadline = time.monotonic() + _JOIN_TIMEOUT.total_seconds()
-    while True:
-        own_port, token = agent.get(key).decode().split()  # waits until a rank 0 has published
-        try:
-            own = dist.TCPStore(host, int(own_port), is_master=False, timeout=timedelta(seconds=3))
-            if own.get("token").decode() == token:
-                own.set_timeout(_JOIN_TIMEOUT)
-                return own
-        except RuntimeError:  # refused (DistNetworkError) or no token in time: a dead incarnation's store
-            pass
-        if time.monotonic() > deadline:
-            raise TrainingError(f"rank {rank}: rank 0 did not open the process group's store within "
-                                f"{_JOIN_TIMEOUT.total_seconds():.0f} s")
-        time.sleep(0.2)
-
-
-def _setup(cfg: TrainConfig) -> DistEnv:
-    """:func:`distributed.setup`, with the process group built on a store of its own under torchrun's agent store
-    (:func:`_group_store`), so that a group restarted by ``--max-restarts`` forms again."""
-    world = distributed._env_int("WORLD_SIZE", 1)
-    if world > 1 and not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        rank, local_rank = distributed._env_int("RANK", 0), distributed._env_int("LOCAL_RANK", 0)
-        device = distributed.select_device(cfg.device, local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # as distributed.setup chooses
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, store=_group_store(rank, world), rank=rank, world_size=world, **kwargs)
-    return distributed.setup(cfg.device)  # joins nothing more: the group exists; picks the device, threads
 
 
 def _on_main(env: DistEnv, fn):
@@ -615,7 +555,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     from sslam_fast.models import PretrainingModel
 
     _check_tensorboard(cfg)
-    env = _setup(cfg)
+    env = distributed.setup(cfg.device)
     run_dir = Path(cfg.run_dir)
     _prepare(cfg, env)  # run_dir checked, not created yet: a run that fails a start-up check leaves no folder
     dataset, default_set = _build_data(cfg, env)
