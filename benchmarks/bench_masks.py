@@ -3,7 +3,8 @@
     python benchmarks/bench_masks.py                    # CPU: batch 12 x 16 clones, grid 64 x 8, at 1 and 2 threads
     python benchmarks/bench_masks.py --device cuda      # GPU: the triton kernel (and the batched torch formulation)
 
-The reference is what upstream's DataLoader workers do per clip (ALGORITHM §3): one ``compute_block_mask_2d`` call per clip
+The reference is what upstream's DataLoader workers do per clip (ALGORITHM §3): one ``compute_block_mask_2d`` call per
+clip
 with a Python loop over its rows and a ``torch.multinomial`` fix-up per row. Every path draws the same distribution
 (tests/test_masks.py); the table reports the median time per batch of 192 rows and the speed-up over the reference at
 the same thread count. The Triton interpreter is never timed (it measures the interpreter, not the kernel).

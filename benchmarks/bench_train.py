@@ -11,7 +11,8 @@ backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight dec
 (a) and (b) start from upstream's CPU-worker output instead (see below). Variants:
 
 - (a) plain: the upstream pipeline. Per clip ``x / 32768``, ``x - x.mean()``, ``torchaudio.compliance.kaldi.fbank``
-  with the ALGORITHM §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks from
+  with the ALGORITHM §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks
+  from
   the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
   parameter by parameter (``foreach=False``, as fairseq's own AdamW on the CPU; on CUDA see below); the Python EMA
   loop (``ema_step(fast=False)``).

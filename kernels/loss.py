@@ -1,4 +1,5 @@
-"""Triton kernels for the masked patch loss: ``sum_{masked} (pred - target)^2 / sqrt(D)`` and its gradient (ALGORITHM §4).
+"""Triton kernels for the masked patch loss: ``sum_{masked} (pred - target)^2 / sqrt(D)`` and its gradient (
+ALGORITHM §4).
 
 ``masked_mse_fwd_triton`` and ``masked_mse_bwd_triton`` are the launchers; ``sslam_fast.ops.loss`` validates the
 arguments and calls them on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.

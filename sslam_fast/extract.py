@@ -1,4 +1,5 @@
-"""Feature extraction CLI (ALGORITHM §1, §8), the counterpart of ``[S] SSLAM_Inference/feature_extract/feature_extract.py``.
+"""Feature extraction CLI (ALGORITHM §1, §8), the counterpart of ``[S]
+SSLAM_Inference/feature_extract/feature_extract.py``.
 
     python -m sslam_fast.extract --checkpoint CKPT --audio PATH --out OUT
         [--granularity frame|utterance|all] [--batch-size 8] [--device cpu|cuda] [--target-length N]
@@ -10,7 +11,8 @@ the input is a single file and ``OUT`` ends in ``.npy``, else ``OUT/<stem>.npy``
 
 Per clip: mono = channel average (before resampling, ALGORITHM §11.8); ``eat_features(wave, sample_rate=sr,
 target_length=T)`` (resample to 16 kHz, mean removal, Kaldi fbank, pad/crop, AudioSet normalisation); the model's
-``extract_features`` = block-12 output of the student (ALGORITHM §8). ``frame`` = (N, D) patch tokens, token n = 8 t + f;
+``extract_features`` = block-12 output of the student (ALGORITHM §8). ``frame`` = (N, D) patch tokens, token n = 8 t +
+f;
 ``utterance`` = (D,) CLS; ``all`` = (1 + N, D), CLS first.
 
 Target length: ``--target-length`` for every clip, or by default each clip's own frame count rounded UP to a multiple

@@ -1,4 +1,5 @@
-"""Tagging CLI for a fine-tuned checkpoint (ALGORITHM §8), the counterpart of ``[S] SSLAM_Inference/inference/inference.py``.
+"""Tagging CLI for a fine-tuned checkpoint (ALGORITHM §8), the counterpart of ``[S]
+SSLAM_Inference/inference/inference.py``.
 
     python -m sslam_fast.predict --checkpoint FINETUNED --audio PATH [--labels CSV] [--top-k 10]
         [--batch-size 8] [--device cpu|cuda] [--target-length 1024|auto]
@@ -9,7 +10,8 @@ Scores = ``sigmoid(logits)`` of ``AudioClassifier`` (CLS -> fc_norm -> head). Fo
 else the class index. With a directory, each file's block starts with a line ``# <path>``.
 
 The input is padded / cropped to 1024 frames by default, as upstream inference and the fine-tuning data pipeline do
-(ALGORITHM §1.5); ``--target-length auto`` uses each clip's own length rounded up to 16 (capped at 1024) instead. Bad files
+(ALGORITHM §1.5); ``--target-length auto`` uses each clip's own length rounded up to 16 (capped at 1024) instead. Bad
+files
 are reported on stderr and skipped (see ``sslam_fast.extract``); exit code 0 when at least one file worked.
 """
 

@@ -1,4 +1,5 @@
-"""Encoder attention (ALGORITHM §2.1): every backend, output and dq / dk / dv, against upstream's materialised attention.
+"""Encoder attention (ALGORITHM §2.1): every backend, output and dq / dk / dv, against upstream's materialised
+attention.
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py), fp32 / fp16 only
 there. Low-precision criterion (flash-attention's): the error of a backend against the fp32 reference on the same

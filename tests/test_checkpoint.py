@@ -1,4 +1,5 @@
-"""Checkpoint formats (ALGORITHM §8): fairseq pre-training / fine-tuned files and HF safetensors ports, built from random
+"""Checkpoint formats (ALGORITHM §8): fairseq pre-training / fine-tuned files and HF safetensors ports, built from
+random
 weights with the exact upstream names and shapes, loaded without fairseq; safe unpickling; atomic fairseq-layout saves.
 """
 

@@ -456,7 +456,8 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_cuda_sslam_shapes(dtype):
-    # 192 student rows, 768 channels on the 64 x 8 patch grid, groups 16 (ALGORITHM §2.2); the input is the (R, 512, 768)
+    # 192 student rows, 768 channels on the 64 x 8 patch grid, groups 16 (ALGORITHM §2.2); the input is the (R, 512,
+    # 768)
     # token tensor viewed channels-last, as the decoder holds it.
     R, C, H, W, G = 192, 768, 64, 8, 16
     tokens = torch.randn(R, H * W, C, device="cuda", dtype=dtype)

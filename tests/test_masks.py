@@ -56,7 +56,8 @@ def spec_blocks(H, W, ml) -> torch.Tensor:
 
 
 def spec_simulation(K, H, W, nc, ml, keep, g) -> torch.Tensor:
-    """ALGORITHM §3 pseudocode, literally (explicit loops); (K, L) float, 1 = masked. Same RNG calls in the same order."""
+    """ALGORITHM §3 pseudocode, literally (explicit loops); (K, L) float, 1 = masked. Same RNG calls in the same
+    order."""
     L, o = H * W, ml // 2
     M = torch.zeros(K, H, W)
     idx = torch.randint(0, L, (K, nc), generator=g)
@@ -280,7 +281,8 @@ def test_reference_is_the_spec_pseudocode_bit_for_bit():
 
 
 def test_reference_pre_fixup_statistics_match_spec():
-    """ALGORITHM §3 Monte-Carlo (20k draws): pre-fix-up kept count 95.7 on average, ~68% of rows below 102, ~29% above."""
+    """ALGORITHM §3 Monte-Carlo (20k draws): pre-fix-up kept count 95.7 on average, ~68% of rows below 102, ~29%
+    above."""
     raw, _ = raw_and_final("reference", 1, 4096, keep=None, seed=3)
     n = raw.sum(1).double()
     exact = (1 - (1 - spec_blocks(64, 8, 5).double().sum(0) / 512) ** 5).sum().item()  # 95.770
@@ -371,7 +373,8 @@ def test_triton_is_independent_of_rows_per_program_and_reproduces_golden_bits():
 
 def test_auto_backend_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    assert _backend.base_name(_backend.resolve("inverse_block_mask", "auto", "cpu")) == ("cpp" if CPP_OK else "reference")
+    chosen = _backend.base_name(_backend.resolve("inverse_block_mask", "auto", "cpu"))
+    assert chosen == ("cpp" if CPP_OK else "reference")
 
 
 # --- validation -------------------------------------------------------------------------------------------------------

@@ -377,7 +377,8 @@ def test_mix_waveforms_bad_input():
 def test_backend_resolution_on_cpu(monkeypatch):
     monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
     for op in ("partial_max_mix", "mix_waveforms"):
-        assert _backend.base_name(_backend.resolve(op, "auto", "cpu")) == "reference"  # auto never picks the interpreter
+        # auto never picks the interpreter
+        assert _backend.base_name(_backend.resolve(op, "auto", "cpu")) == "reference"
     monkeypatch.setenv("SSLAM_FAST_BACKEND", "cpp")  # neither op has cpp: the variable is ignored
     assert _backend.base_name(_backend.resolve("partial_max_mix", "auto", "cpu")) == "reference"
     if TRITON_OK:

@@ -1,4 +1,5 @@
-"""Inference tools (ALGORITHM §1, §8): audio decoding, ``python -m sslam_fast.extract / predict / evaluate`` run in-process
+"""Inference tools (ALGORITHM §1, §8): audio decoding, ``python -m sslam_fast.extract / predict / evaluate`` run
+in-process
 on generated wav / flac files with a tiny model saved through the checkpoint writers, and AP / mAP."""
 
 import math

@@ -1,4 +1,5 @@
-"""Upstream checkpoint formats (ALGORITHM §8): read fairseq EAT / SSLAM pre-training and fine-tuned files and HF safetensors
+"""Upstream checkpoint formats (ALGORITHM §8): read fairseq EAT / SSLAM pre-training and fine-tuned files and HF
+safetensors
 ports without fairseq and without unrestricted unpickling; write fairseq-layout files atomically.
 
 ``load_pretrained(path)`` -> ``EATEncoder`` or ``AudioClassifier``; ``load_pretraining(path, stage, clones)`` ->

@@ -1,7 +1,8 @@
 """Manifests, clip decoding, batching, bad-file accounting and a resumable distributed sampler.
 
 Mirrors upstream fairseq ``data/audio/raw_audio_dataset.py`` (``FileAudioDataset``: manifest format, soundfile float32
-read, ``torchaudio.functional.resample`` to 16 kHz, random crop to a fixed size) with the fixes of ALGORITHM §11.7-8: the
+read, ``torchaudio.functional.resample`` to 16 kHz, random crop to a fixed size) with the fixes of ALGORITHM §11.7-8:
+the
 channels are averaged BEFORE resampling, and a file that cannot be read is skipped and recorded instead of ``exit()``.
 """
 

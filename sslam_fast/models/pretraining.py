@@ -45,7 +45,7 @@ class PretrainingModel(nn.Module):
         self.teacher.eval()  # the EMA teacher always runs in eval mode
         return self
 
-    # --- EMA teacher (ALGORITHM §4) --------------------------------------------------------------------------------------
+    # --- EMA teacher (ALGORITHM §4) -----------------------------------------------------------------------------------
 
     def ema_due(self, num_updates: int) -> bool:
         """Whether ``ema_step(num_updates)`` averages the teacher: in training mode, and not the resume guard's skip
@@ -93,7 +93,7 @@ class PretrainingModel(nn.Module):
         self.num_updates = n
         return updated
 
-    # --- objectives (ALGORITHM §4, §5) -----------------------------------------------------------------------------------
+    # --- objectives (ALGORITHM §4, §5) --------------------------------------------------------------------------------
 
     def _check_inputs(self, source, masks, mix_windows, mask_noise_std, num_kept):
         """Structural checks always; the checks that read tensor values (equal kept counts, window offsets given as

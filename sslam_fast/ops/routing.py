@@ -1,4 +1,5 @@
-"""Multi-clone routing as dispatching custom ops: the student's masked input and the decoder's input (ALGORITHM §2.1, §3).
+"""Multi-clone routing as dispatching custom ops: the student's masked input and the decoder's input (ALGORITHM §2.1,
+§3).
 
 ``clone_gather`` is ``LayerNorm(cat[cls, repeat_interleave(x, K)[r, ids_keep[r]]])`` without the K-fold copy of x;
 its backward accumulates the clones' gradients into x's (B, N, D). ``decoder_scatter`` drops CLS, puts the visible
@@ -352,7 +353,8 @@ def clone_gather(
     backend: str = "auto",
     check_ids: bool = True,
 ) -> torch.Tensor:
-    """The student's encoder input: ``LayerNorm(cat[cls, x[r // clones, ids_keep[r]]])`` for every row r (ALGORITHM §2.1).
+    """The student's encoder input: ``LayerNorm(cat[cls, x[r // clones, ids_keep[r]]])`` for every row r (
+    ALGORITHM §2.1).
 
     Equals upstream's ``repeat_interleave(clones)`` + ``gather(ids_keep)`` + CLS prepend + input LayerNorm without
     materialising the repeated (B * clones, N, D) tensor.
@@ -401,7 +403,8 @@ def decoder_scatter(
     backend: str = "auto",
     check_ids: bool = True,
 ) -> torch.Tensor:
-    """The decoder input (ALGORITHM §3): drop CLS, restore the visible tokens' positions, fill the rest with mask tokens.
+    """The decoder input (ALGORITHM §3): drop CLS, restore the visible tokens' positions, fill the rest with mask
+    tokens.
 
     ``out[r, n] = cat[x[r, 1:], noise[r]][ids_restore[r, n]]`` with ``noise ~ N(0, mask_noise_std^2)`` i.i.d.
 

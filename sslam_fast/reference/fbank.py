@@ -175,7 +175,8 @@ def clip_means(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def remove_clip_mean(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``x - mean(x)`` over each row's valid samples (ALGORITHM §1.3). Samples past a row's length never enter a frame."""
+    """``x - mean(x)`` over each row's valid samples (ALGORITHM §1.3). Samples past a row's length never enter a
+    frame."""
     x = waveforms.to(torch.float32)
     return x - clip_means(x, lengths).unsqueeze(1)
 

@@ -26,7 +26,8 @@ NORM_EPS = 1e-5  # F.instance_norm / F.layer_norm defaults, used upstream by mak
 
 
 def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end_step: int = 100000) -> float:
-    """The EMA decay after ``num_updates`` optimizer steps (ALGORITHM §4): linear from ``start`` to ``end``, then ``end``.
+    """The EMA decay after ``num_updates`` optimizer steps (ALGORITHM §4): linear from ``start`` to ``end``, then
+    ``end``.
 
     Mirrors fairseq ``get_annealed_rate(start, end, curr_step, total_steps)``.
     """

@@ -1,4 +1,5 @@
-"""Trainer configuration: every hyper-parameter of ALGORITHM §6-§7 plus the run settings, presets and a small CLI parser.
+"""Trainer configuration: every hyper-parameter of ALGORITHM §6-§7 plus the run settings, presets and a small CLI
+parser.
 
 Upstream sources: ``[E] config/pretraining_AS2M.yaml`` and ``scripts/pretraining_AS2M.sh`` (stage 1, EAT),
 ``[S] S2/scripts/pretrain_stage2.sh`` (stage 2, SSLAM overrides on the same yaml).
@@ -18,7 +19,8 @@ from sslam_fast.models.config import ModelConfig
 
 __all__ = ["ConfigError", "PRESETS", "TrainConfig", "load_config"]
 
-PATCH_SIZE = 16  # ALGORITHM §2.1: 16 x 16 patches; frames are 10 ms apart with a 25 ms window (Kaldi fbank, ALGORITHM §1)
+# ALGORITHM §2.1: 16 x 16 patches; frames are 10 ms apart with a 25 ms window (Kaldi fbank, ALGORITHM §1)
+PATCH_SIZE = 16
 _FRAME_SHIFT = 160  # samples at 16 kHz
 _FRAME_LENGTH = 400
 
@@ -29,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Run settings and hyper-parameters. Defaults are stage 1 (EAT, ALGORITHM §7); see ``PRESETS`` for stage 2 and tiny."""
+    """Run settings and hyper-parameters. Defaults are stage 1 (EAT, ALGORITHM §7); see ``PRESETS`` for stage 2 and
+    tiny."""
 
     # --- run -----------------------------------------------------------------------------------------------------
     stage: str = "eat"  # "eat" (stage 1) | "sslam" (stage 2)
@@ -53,7 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # numbered checkpoints kept besides checkpoint_last.pt; 0 keeps all
     max_bad_file_share: float = 0.05
     max_nonfinite_in_row: int = 20
-    # --- optimiser and schedule (ALGORITHM §6) ---------------------------------------------------------------------------
+    # --- optimiser and schedule (ALGORITHM §6) ------------------------------------------------------------------------
     lr: float = 5e-4
     warmup_updates: int = 53333
     max_updates: int = 400000
@@ -61,7 +64,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.05
     clip_norm: float = 4.0  # global L2 norm after normalisation; 0 disables
-    # --- EMA teacher (ALGORITHM §4) ------------------------------------------------------------------------------------
+    # --- EMA teacher (ALGORITHM §4) -----------------------------------------------------------------------------------
     ema_start: float = 0.9998
     ema_end: float = 0.99999
     ema_end_step: int = 100000

@@ -43,7 +43,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg) -> float:
-    """ALGORITHM §6: lr_max * n / warmup for n < warmup, then 0.5 * lr_max * (1 + cos(pi * (n - warmup) / (max - warmup))),
+    """ALGORITHM §6: lr_max * n / warmup for n < warmup, then 0.5 * lr_max * (1 + cos(pi * (n - warmup) / (max -
+    warmup))),
     0 from ``max_updates`` on."""
     n, warm, total, peak = int(step), int(cfg.warmup_updates), int(cfg.max_updates), float(cfg.lr)
     if n < 0:
