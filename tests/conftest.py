@@ -24,3 +24,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def make_run_base(tmp_path_factory):
+    """A factory of folders for trainer runs (``base / <name>``): the built-in synthetic set is generated once per
+    session and linked into each as ``default_data``, where the trainer looks for it (``<run_dir>/../default_data``)."""
+    from sslam_fast.data import make_default_dataset
+
+    shared = tmp_path_factory.mktemp("synthetic") / "default_data"
+    make_default_dataset(shared)
+
+    def make(name: str):
+        b = tmp_path_factory.mktemp(name)
+        (b / "default_data").symlink_to(shared, target_is_directory=True)
+        return b
+
+    return make

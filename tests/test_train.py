@@ -40,13 +40,9 @@ def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
+def base(make_run_base) -> Path:
     """A folder whose ``default_data`` holds the synthetic set, so run dirs ``base/<name>`` share it."""
-    from sslam_fast.data import make_default_dataset
-
-    b = tmp_path_factory.mktemp("train")
-    make_default_dataset(b / "default_data")
-    return b
+    return make_run_base("train")
 
 
 @pytest.fixture(scope="session")

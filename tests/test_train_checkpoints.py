@@ -54,13 +54,9 @@ def _steps(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(make_run_base) -> Path:
     """A folder whose ``default_data`` holds the synthetic set, so run dirs ``base/<name>`` share it."""
-    from sslam_fast.data import make_default_dataset
-
-    b = tmp_path_factory.mktemp("train_ckpt")
-    make_default_dataset(b / "default_data")
-    return b
+    return make_run_base("train_ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,8 @@ def _cfg(base, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from sslam_fast.data import make_default_dataset
-
-    b = tmp_path_factory.mktemp("train_device")
-    make_default_dataset(b / "default_data")
-    return b
+def base(make_run_base):
+    return make_run_base("train_device")
 
 
 def _per_step_counts(monkeypatch, counter) -> list[tuple[int, int]]:

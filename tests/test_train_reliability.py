@@ -92,13 +92,9 @@ def _error_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(make_run_base) -> Path:
     """A folder whose ``default_data`` holds the synthetic set (run dirs ``base/<name>``)."""
-    from sslam_fast.data import make_default_dataset
-
-    b = tmp_path_factory.mktemp("reliability")
-    make_default_dataset(b / "default_data")
-    return b
+    return make_run_base("reliability")
 
 
 @pytest.fixture(scope="module")
