@@ -1,7 +1,7 @@
 // Python module init for sslam_fast._C.
 //
 // The module itself is (almost) empty: importing it loads this shared library, whose static initialisers register
-// the C++ ops (TORCH_LIBRARY / TORCH_LIBRARY_IMPL) under torch.ops.sslam_fast. Built against the limited API
+// the C++ ops (TORCH_LIBRARY / TORCH_LIBRARY_IMPL) under torch.ops.sslam_fast_C. Built against the limited API
 // (Py_LIMITED_API=0x03090000), so no pybind11.
 
 #include <Python.h>

@@ -1,5 +1,5 @@
-// The fused tail of a CNN decoder block on CPU: torch.ops.sslam_fast.ln_gelu_residual_cpu and its backward
-// torch.ops.sslam_fast.ln_gelu_residual_backward_cpu (ALGORITHM §2.2).
+// The fused tail of a CNN decoder block on CPU: torch.ops.sslam_fast_C.ln_gelu_residual and its backward
+// torch.ops.sslam_fast_C.ln_gelu_residual_backward (ALGORITHM §2.2).
 //
 // Forward, at every position (r, h, w) of an (R, C, H, W) tensor:
 //   x = (y - mean_C(y)) * rstd,  rstd = 1 / sqrt(var_C(y) + 1e-5)  (biased variance, no affine),
@@ -33,7 +33,7 @@
 //
 // SIMD: the loops are compiled three times (AVX-512, AVX2+FMA, baseline) through target attributes and picked at run
 // time with __builtin_cpu_supports (the build has no -march flag); SSLAM_FAST_CPU_ISA=avx512|avx2|baseline caps the
-// choice, as in fbank.cpp. Parallel over positions (channels-last) or position tiles (NCHW) with at::parallel_for.
+// choice (cpu_isa.h). Parallel over positions (channels-last) or position tiles (NCHW) with at::parallel_for.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "simd.h"  // VecF, vload, hsum, to_float, from_float
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -66,15 +67,6 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kGrainElems = 1 << 15;
 
 // --- scalar math (inline, branch-free: vectorised by the callers' loops) ---------------------------------------------
-
-SSLAM_INLINE float to_float(float v) { return v; }
-SSLAM_INLINE float to_float(c10::Half v) { return static_cast<float>(v); }
-SSLAM_INLINE float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-
-template <typename T>
-SSLAM_INLINE T from_float(float v) {
-  return static_cast<T>(v);
-}
 
 // exp(x) for x <= 0, as 2^n * exp(r) with n = round(x / ln 2), |r| <= ln(2) / 2 (Cody-Waite: ln 2 split in two so
 // that n * ln2_hi is exact). x is first raised to -87 (exp(-87) ~ 1.6e-38, still normal) by an unsigned integer min
@@ -144,48 +136,6 @@ struct Job {
 // --- channels-last: one position = one contiguous row of C values -------------------------------------------------------
 // The row sums use explicit L-lane accumulators (GNU vector extensions) and a log2(L) shuffle tree at the end: an
 // `omp simd reduction` ends in L dependent scalar adds, which for C = 64 costs more than the rest of the row.
-
-template <int L>
-struct VecType;
-template <>
-struct VecType<16> {
-  typedef float F __attribute__((vector_size(64)));
-};
-template <>
-struct VecType<8> {
-  typedef float F __attribute__((vector_size(32)));
-};
-template <>
-struct VecType<4> {
-  typedef float F __attribute__((vector_size(16)));
-};
-template <int L>
-using VecF = typename VecType<L>::F;
-
-template <int L, typename T>
-SSLAM_INLINE VecF<L> vload(const T* p) {
-  VecF<L> v;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int i = 0; i < L; ++i) v[i] = to_float(p[i]);
-  }
-  return v;
-}
-
-template <int L>
-SSLAM_INLINE float hsum(VecF<L> v) {
-  if constexpr (L == 16) {
-    return hsum<8>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-  } else if constexpr (L == 8) {
-    return hsum<4>(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
-  } else {
-    static_assert(L == 4);
-    const VecF<4> h = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
-    return h[0] + h[1];
-  }
-}
 
 // sum_c f(p[c]) for c < C; f is applied to L-lane vectors and to the scalar tail (a generic lambda).
 template <int L, typename T, typename F>
@@ -487,14 +437,14 @@ at::Tensor run(const at::Tensor& y_in, const at::Tensor& other_in, bool backward
 }
 
 at::Tensor ln_gelu_residual_cpu(const at::Tensor& y, const at::Tensor& z) {
-  constexpr const char* op = "ln_gelu_residual_cpu";
+  constexpr const char* op = "ln_gelu_residual";
   check_input(op, "y", y, y);
   check_input(op, "z", z, y);
   return run(y, z, /*backward=*/false);
 }
 
 at::Tensor ln_gelu_residual_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y) {
-  constexpr const char* op = "ln_gelu_residual_backward_cpu";
+  constexpr const char* op = "ln_gelu_residual_backward";
   check_input(op, "y", y, y);
   check_input(op, "grad_out", grad_out, y);
   return run(y, grad_out, /*backward=*/true);
@@ -502,14 +452,14 @@ at::Tensor ln_gelu_residual_backward_cpu(const at::Tensor& grad_out, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sslam_fast, m) {
-  m.def("ln_gelu_residual_cpu(Tensor y, Tensor z) -> Tensor");
-  m.def("ln_gelu_residual_backward_cpu(Tensor grad_out, Tensor y) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(sslam_fast_C, m) {
+  m.def("ln_gelu_residual(Tensor y, Tensor z) -> Tensor");
+  m.def("ln_gelu_residual_backward(Tensor grad_out, Tensor y) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sslam_fast, CPU, m) {
-  m.impl("ln_gelu_residual_cpu", &ln_gelu_residual_cpu);
-  m.impl("ln_gelu_residual_backward_cpu", &ln_gelu_residual_backward_cpu);
+TORCH_LIBRARY_IMPL(sslam_fast_C, CPU, m) {
+  m.impl("ln_gelu_residual", &ln_gelu_residual_cpu);
+  m.impl("ln_gelu_residual_backward", &ln_gelu_residual_backward_cpu);
 }
 
 }  // namespace sslam_fast

@@ -1,8 +1,6 @@
-// Batched Kaldi log-mel filterbank on CPU: torch.ops.sslam_fast.fbank_fused (CPU implementation).
-//
-// Computes, for every frame of a padded batch, the same float32 arithmetic as torchaudio.compliance.kaldi.fbank with
-// the EAT/SSLAM settings (snip_edges, DC removal, pre-emphasis 0.97 with replicate padding, window, zero padding to
-// n_fft, |rFFT|^2, mel, log with an FLT_EPSILON floor), followed by an affine normalisation (x - shift) * scale.
+// The CPU kernel of torch.ops.sslam_fast_C.fbank (the op and its pipeline: csrc/kaldi_fbank.cpp): stage 1 (framing,
+// offset and DC removal, pre-emphasis, window) and stage 3 (power spectrum, sparse mel, log, normalisation) of a chunk
+// of frames, each compiled per instruction set.
 //
 // Agreement with torchaudio. The float32 log-mel of the lowest filters is ill-conditioned: after pre-emphasis the
 // first FFT bins hold little energy, and rounding differences of one ulp in the frame mean move their log-mel by up
@@ -16,92 +14,28 @@
 // After the FFT the remaining steps are sums of positive terms and a log, insensitive to rounding order (|diff| about
 // 1e-6 on the log-mel).
 //
-// Pipeline. The frames of all rows form one flat list, processed in chunks of kChunk frames:
-//   1. at::parallel_for: fill a (chunk, n_fft) buffer: framing, offset, DC removal, pre-emphasis, window (the zero
-//      padding columns are written once, when the buffer is created);
-//   2. one batched at::fft_rfft of the chunk (outside any parallel region);
-//   3. at::parallel_for over groups of L frames (L = SIMD width: 16 on AVX-512, 8 on AVX2, 4 otherwise): power
-//      spectrum, transposed in registers to bin-major / frame-minor layout so the sparse mel product (each filter
-//      touches only its own contiguous bin range) runs with the L frames as vector lanes; log, normalisation,
-//      transposed back and stored straight into the output.
-// Frames past a row's own frame count (or past num_frames) are filled with (0 - shift) * scale.
-//
-// SIMD: GNU vector extensions, compiled three times (AVX-512, AVX2+FMA, baseline) through target attributes and
-// picked at run time with __builtin_cpu_supports, so the build needs no -march flag.
+// SIMD: GNU vector extensions (csrc/simd.h), compiled three times (AVX-512, AVX2+FMA, baseline) through target
+// attributes and picked at run time with __builtin_cpu_supports, so the build needs no -march flag.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
-#include "checks.h"
 #include "cpu_isa.h"
+#include "kaldi_fbank.h"
+#include "simd.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-namespace sslam_fast {
+namespace sslam_fast::kaldi_fbank {
 namespace {
 
 constexpr float kPreemphasis = 0.97f;
 constexpr float kLogFloor = std::numeric_limits<float>::epsilon();  // 1.1920929e-07, torchaudio's floor
-constexpr int64_t kChunk = 256;  // frames per rFFT call: the chunk's buffers stay in L2
-constexpr int kMaxLanes = 16;
-
-// ---------------------------------------------------------------------------------------------------------------
-// SIMD helpers (GNU vector extensions)
-// ---------------------------------------------------------------------------------------------------------------
-
-template <int L>
-struct Vec;
-template <>
-struct Vec<16> {
-  typedef float F __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-};
-template <>
-struct Vec<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<4> {
-  typedef float F __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-};
-
-template <int L>
-SSLAM_INLINE typename Vec<L>::F vload(const float* p) {
-  typename Vec<L>::F v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int L>
-SSLAM_INLINE void vstore(float* p, typename Vec<L>::F v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <int L>
-SSLAM_INLINE typename Vec<L>::F vsplat(float x) {
-  return typename Vec<L>::F{} + x;
-}
-
-// mask ? a : b, with mask lanes all-ones or zero (as vector comparisons produce).
-template <int L>
-SSLAM_INLINE typename Vec<L>::F vselect(typename Vec<L>::I mask, typename Vec<L>::F a, typename Vec<L>::F b) {
-  using I = typename Vec<L>::I;
-  using F = typename Vec<L>::F;
-  return (F)((mask & (I)a) | (~mask & (I)b));
-}
 
 // log(max(e, FLT_EPSILON)) per lane, with torch's special values: NaN stays NaN, +inf gives +inf.
 // The argument is split as 2^k * m with m in [sqrt(1/2), sqrt(2)); log(m) = log1p(m - 1) is the classic Cephes logf
@@ -130,28 +64,6 @@ SSLAM_INLINE typename Vec<L>::F vlog_floored(typename Vec<L>::F e) {
   y += -0.5f * z;
   const F l = (f + y) + 0.693359375f * k;
   return vselect<L>(v <= std::numeric_limits<float>::max(), l, v);  // +inf and NaN: passed through
-}
-
-// One stage of the in-register L x L transpose: swaps the off-diagonal H x H blocks.
-template <int L, int H, int... Is>
-SSLAM_INLINE void transpose_stage(typename Vec<L>::F* r, std::integer_sequence<int, Is...>) {
-  for (int i = 0; i < L; ++i) {
-    if (i & H) continue;
-    const auto a = r[i];
-    const auto b = r[i | H];
-    r[i] = __builtin_shufflevector(a, b, ((Is & H) == 0 ? Is : L + Is - H)...);
-    r[i | H] = __builtin_shufflevector(a, b, ((Is & H) == 0 ? Is + H : L + Is)...);
-  }
-}
-
-// Transpose the L x L tile held in r[0..L) (row i = r[i]) in place.
-template <int L>
-SSLAM_INLINE void transpose(typename Vec<L>::F* r) {
-  using S = std::make_integer_sequence<int, L>;
-  if constexpr (L >= 16) transpose_stage<L, 8>(r, S{});
-  if constexpr (L >= 8) transpose_stage<L, 4>(r, S{});
-  transpose_stage<L, 2>(r, S{});
-  transpose_stage<L, 1>(r, S{});
 }
 
 // |X|^2 of L consecutive bins from 2L interleaved (re, im) floats.
@@ -267,6 +179,8 @@ SSLAM_INLINE float torch_order_mean(const float* x, float offset, int64_t n, int
   return sum / static_cast<float>(n);
 }
 
+}  // namespace
+
 // The float vector width of torch's CPU sum kernel in this process (8 for the AVX2 and default builds, 16 when it
 // runs its AVX-512 kernels), found by reproducing at::mean on probe rows. Computed once (outside parallel regions).
 int torch_mean_width() {
@@ -303,7 +217,7 @@ int torch_mean_width() {
       if (matches[c] > matches[best]) best = c;
     }
     if (matches[best] != total) {
-      TORCH_WARN_ONCE("sslam_fast fbank_cpu: could not reproduce torch's float32 summation order (", matches[best],
+      TORCH_WARN_ONCE("sslam_fast_C::fbank: could not reproduce torch's float32 summation order (", matches[best],
                       "/", total, " probe rows match); frame means may differ from torchaudio by one ulp");
     }
     return candidates[best];
@@ -314,13 +228,6 @@ int torch_mean_width() {
 // ---------------------------------------------------------------------------------------------------------------
 // The two parallel stages
 // ---------------------------------------------------------------------------------------------------------------
-
-// Sparse form of the dense (M, bins) filter matrix: filter m covers bins [first[m], first[m] + count[m]) with
-// weights at weights[start[m] ...] (its first to its last nonzero; zero rows have count 0).
-struct MelSpans {
-  std::vector<int64_t> first, count, start;
-  std::vector<float> weights;
-};
 
 MelSpans make_spans(const float* banks, int64_t mels, int64_t bins) {
   MelSpans s;
@@ -341,28 +248,7 @@ MelSpans make_spans(const float* banks, int64_t mels, int64_t bins) {
   return s;
 }
 
-struct Job {
-  // inputs
-  const float* wave;
-  const float* window;
-  int64_t frame_length;
-  int64_t n_fft;
-  int64_t bins;
-  int64_t mels;
-  int mean_width;
-  const MelSpans* mel;
-  float shift;
-  float scale;
-  // flat frame list: first sample (offset into wave), row offset value, first output element
-  const int64_t* src;
-  const float* frame_offset;
-  const int64_t* dst;
-  float* out;
-  // current chunk: frames [c0, c0 + count) of the flat list
-  int64_t c0;
-  float* frames;      // (chunk, n_fft) rFFT input
-  const float* spec;  // (chunk, bins) complex, interleaved
-};
+namespace {
 
 // Stage 1. No FMA contraction here: torch rounds the product and the difference of the pre-emphasis separately.
 #pragma GCC push_options
@@ -503,13 +389,8 @@ void mel_baseline(const Job& job, int64_t count, int64_t glo, int64_t ghi, float
   mel_groups<4>(job, count, glo, ghi, P);
 }
 
-struct Kernels {
-  int lanes;
-  void (*fill)(const Job&, int64_t, int64_t);
-  void (*mel)(const Job&, int64_t, int64_t, int64_t, float*);
-};
+}  // namespace
 
-// The kernels for the widest instruction set this CPU supports (cpu_isa.h; SSLAM_FAST_CPU_ISA caps it).
 const Kernels& kernels() {
   static const Kernels k = [] {
 #if SSLAM_X86
@@ -527,147 +408,4 @@ const Kernels& kernels() {
   return k;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The op
-// ---------------------------------------------------------------------------------------------------------------
-
-void check_inputs(const at::Tensor& waveforms, const at::Tensor& lengths, const at::Tensor& offsets,
-                  const at::Tensor& window, const at::Tensor& mel_banks, int64_t frame_length, int64_t frame_shift,
-                  int64_t n_fft, int64_t num_frames, int64_t out_frames) {
-  auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const char* shape) {
-    TORCH_CHECK(t.device().is_cpu(), "fbank_cpu: ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fbank_cpu: ", name, " must have dtype ", dtype, ", got ",
-                t.scalar_type());
-    TORCH_CHECK(t.dim() == dim, "fbank_cpu: ", name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "fbank_cpu: ", name, " must be contiguous");
-  };
-  check(waveforms, "waveforms", at::kFloat, 2, "(B, N)");
-  check(lengths, "lengths", at::kLong, 1, "(B,)");
-  check(offsets, "offsets", at::kFloat, 1, "(B,)");
-  check(window, "window", at::kFloat, 1, "(frame_length,)");
-  check(mel_banks, "mel_banks", at::kFloat, 2, "(M, n_fft/2+1)");
-  const int64_t batch = waveforms.size(0);
-  TORCH_CHECK(lengths.size(0) == batch, "fbank_cpu: lengths must have shape (B,) = (", batch, ",), got ",
-              lengths.sizes());
-  TORCH_CHECK(offsets.size(0) == batch, "fbank_cpu: offsets must have shape (B,) = (", batch, ",), got ",
-              offsets.sizes());
-  // Sizes in range before the products below and before any allocation (csrc/checks.h).
-  check_size("fbank_cpu", "frame_length", frame_length, 1);
-  check_size("fbank_cpu", "frame_shift", frame_shift, 1);
-  check_size("fbank_cpu", "num_frames", num_frames, 0);
-  check_size("fbank_cpu", "out_frames", out_frames, 0);
-  TORCH_CHECK(n_fft >= frame_length, "fbank_cpu: n_fft (", n_fft, ") must be at least frame_length (", frame_length,
-              ")");
-  check_size("fbank_cpu", "n_fft", n_fft, frame_length);
-  TORCH_CHECK(window.size(0) == frame_length, "fbank_cpu: window must have frame_length = ", frame_length,
-              " samples, got ", window.size(0));
-  TORCH_CHECK(mel_banks.size(1) == n_fft / 2 + 1, "fbank_cpu: mel_banks must have n_fft/2+1 = ", n_fft / 2 + 1,
-              " columns, got shape ", mel_banks.sizes());
-  TORCH_CHECK(mel_banks.size(0) > 0, "fbank_cpu: mel_banks must have at least one filter, got shape ",
-              mel_banks.sizes());
-  // The (B, out_frames, M) output: out_frames is a free argument (eat_features' target_length), so its product
-  // with the batch and the filters is bounded before at::empty (which would try to allocate it, then fill it).
-  checked_mul("fbank_cpu", "the output rows * out_frames * mel filters",
-              checked_mul("fbank_cpu", "the output rows * out_frames", batch, out_frames), mel_banks.size(0));
-}
-
-at::Tensor fbank_cpu(const at::Tensor& waveforms, const at::Tensor& lengths, const at::Tensor& offsets,
-                     const at::Tensor& window, const at::Tensor& mel_banks, int64_t frame_length, int64_t frame_shift,
-                     int64_t n_fft, int64_t num_frames, int64_t out_frames, double shift, double scale) {
-  check_inputs(waveforms, lengths, offsets, window, mel_banks, frame_length, frame_shift, n_fft, num_frames,
-               out_frames);
-  const int64_t batch = waveforms.size(0);
-  const int64_t samples = waveforms.size(1);
-  const int64_t bins = n_fft / 2 + 1;
-  const int64_t mels = mel_banks.size(0);
-  const float shift_f = static_cast<float>(shift);
-  const float scale_f = static_cast<float>(scale);
-  const float pad_value = (0.0f - shift_f) * scale_f;
-
-  // Frames computed per row: its own frame count, capped by num_frames and out_frames.
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  const int64_t limit = std::min(num_frames, out_frames);
-  std::vector<int64_t> computed(batch);
-  int64_t total = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(len[b] >= 0 && len[b] <= samples, "fbank_cpu: lengths[", b, "] = ", len[b],
-                " is outside [0, N] with N = ", samples);
-    const int64_t own = len[b] < frame_length ? 0 : 1 + (len[b] - frame_length) / frame_shift;
-    computed[b] = std::min(own, limit);
-    total += computed[b];
-  }
-
-  at::Tensor out = at::empty({batch, out_frames, mels}, waveforms.options());
-  if (batch == 0 || out_frames == 0) return out;
-  float* out_ptr = out.data_ptr<float>();
-
-  // Padding frames: one contiguous run at the end of each row.
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      std::fill(out_ptr + (b * out_frames + computed[b]) * mels, out_ptr + (b + 1) * out_frames * mels, pad_value);
-    }
-  });
-  if (total == 0) return out;
-
-  // The flat frame list.
-  std::vector<int64_t> src(total), dst(total);
-  std::vector<float> frame_offset(total);
-  const float* offsets_ptr = offsets.data_ptr<float>();
-  for (int64_t b = 0, f = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < computed[b]; ++t, ++f) {
-      src[f] = b * samples + t * frame_shift;
-      dst[f] = (b * out_frames + t) * mels;
-      frame_offset[f] = offsets_ptr[b];
-    }
-  }
-
-  const Kernels& kern = kernels();
-  const MelSpans spans = make_spans(mel_banks.data_ptr<float>(), mels, bins);
-  const int64_t chunk = std::min(kChunk, total);
-  at::Tensor frames = at::zeros({chunk, n_fft}, waveforms.options());  // columns >= frame_length stay zero
-
-  Job job{};
-  job.wave = waveforms.data_ptr<float>();
-  job.window = window.data_ptr<float>();
-  job.frame_length = frame_length;
-  job.n_fft = n_fft;
-  job.bins = bins;
-  job.mels = mels;
-  job.mean_width = torch_mean_width();
-  job.mel = &spans;
-  job.shift = shift_f;
-  job.scale = scale_f;
-  job.src = src.data();
-  job.frame_offset = frame_offset.data();
-  job.dst = dst.data();
-  job.out = out_ptr;
-  job.frames = frames.data_ptr<float>();
-
-  const int lanes = kern.lanes;
-  for (int64_t c0 = 0; c0 < total; c0 += chunk) {
-    const int64_t count = std::min(chunk, total - c0);
-    job.c0 = c0;
-    at::parallel_for(0, count, 16, [&](int64_t lo, int64_t hi) { kern.fill(job, lo, hi); });
-    at::Tensor spec = at::fft_rfft(count == chunk ? frames : frames.narrow(0, 0, count));
-    if (!spec.is_contiguous()) spec = spec.contiguous();
-    job.spec = reinterpret_cast<const float*>(spec.data_ptr<c10::complex<float>>());
-    const int64_t groups = (count + lanes - 1) / lanes;
-    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scratch(bins * kMaxLanes);
-      kern.mel(job, count, lo, hi, scratch.data());
-    });
-  }
-  return out;
-}
-
-}  // namespace
-}  // namespace sslam_fast
-
-TORCH_LIBRARY(sslam_fast, m) {
-  m.def(
-      "fbank_fused(Tensor waveforms, Tensor lengths, Tensor offsets, Tensor window, Tensor mel_banks, "
-      "int frame_length, int frame_shift, int n_fft, int num_frames, int out_frames, float shift, float scale) "
-      "-> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(sslam_fast, CPU, m) { m.impl("fbank_fused", &sslam_fast::fbank_cpu); }
+}  // namespace sslam_fast::kaldi_fbank

@@ -1,4 +1,4 @@
-// CUDA implementation of sslam_fast::fbank_fused (schema and semantics in csrc/fbank.cpp).
+// CUDA implementation of sslam_fast_C::fbank (schema and semantics in csrc/kaldi_fbank.cpp).
 //
 // Three steps, the FFT in cuFFT through ATen rather than hand-written:
 //   1. frame_kernel: one block per frame: subtract the row offset, remove the frame mean (block reduction),
@@ -182,6 +182,6 @@ at::Tensor fbank_cuda(const at::Tensor& waveforms, const at::Tensor& lengths, co
   return out;
 }
 
-TORCH_LIBRARY_IMPL(sslam_fast, CUDA, m) { m.impl("fbank_fused", &fbank_cuda); }
+TORCH_LIBRARY_IMPL(sslam_fast_C, CUDA, m) { m.impl("fbank", &fbank_cuda); }
 
 }  // namespace sslam_fast

@@ -1,4 +1,4 @@
-// The masked patch loss on CPU: torch.ops.sslam_fast.masked_mse_cpu and masked_mse_backward_cpu (ALGORITHM §4, §5.4).
+// The masked patch loss on CPU: torch.ops.sslam_fast_C.masked_mse and masked_mse_backward (ALGORITHM §4, §5.4).
 //
 // Forward: loss = sum over rows r, tokens n with mask[r, n], channels d of (pred[r, n, d] - target[r / clones, n, d])^2,
 // times 1 / sqrt(D); fp32 0-dim. Backward: grad_pred = mask ? (pred - target) * (2 / sqrt(D) * grad) : 0, (R, N, D)
@@ -26,41 +26,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 #include <vector>
 
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 #include "checks.h"
-#include "cpu_isa.h"  // SSLAM_INLINE
+#include "simd.h"
 
 namespace sslam_fast {
 namespace {
 
 constexpr int kLanes = 8;
-typedef float Vec8 __attribute__((vector_size(32)));
+using Vec8 = VecF<kLanes>;  // csrc/simd.h
 // Elements per parallel chunk: smaller problems run on the calling thread (an OpenMP fork/join costs ~5-10 us).
 constexpr int64_t kGrainElems = 1 << 16;
-
-SSLAM_INLINE float to_float(float v) { return v; }
-SSLAM_INLINE float to_float(c10::Half v) { return static_cast<float>(v); }
-SSLAM_INLINE float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-
-template <typename T>
-SSLAM_INLINE Vec8 vload(const T* p) {
-  Vec8 v;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
-  }
-  return v;
-}
-
-SSLAM_INLINE float hsum(Vec8 v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
 
 // sum_d (p[d] - t[d])^2.
 template <typename T>
@@ -68,13 +45,13 @@ SSLAM_INLINE float token_sum(const T* __restrict p, const float* __restrict t, i
   Vec8 a0 = {}, a1 = {};
   int64_t d = 0;
   for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
-    const Vec8 e0 = vload(p + d) - vload(t + d);
-    const Vec8 e1 = vload(p + d + kLanes) - vload(t + d + kLanes);
+    const Vec8 e0 = vload<kLanes>(p + d) - vload<kLanes>(t + d);
+    const Vec8 e1 = vload<kLanes>(p + d + kLanes) - vload<kLanes>(t + d + kLanes);
     a0 += e0 * e0;
     a1 += e1 * e1;
   }
   if (d + kLanes <= D) {
-    const Vec8 e0 = vload(p + d) - vload(t + d);
+    const Vec8 e0 = vload<kLanes>(p + d) - vload<kLanes>(t + d);
     a0 += e0 * e0;
     d += kLanes;
   }
@@ -83,7 +60,7 @@ SSLAM_INLINE float token_sum(const T* __restrict p, const float* __restrict t, i
     const float e = to_float(p[d]) - t[d];
     tail += e * e;
   }
-  return hsum(a0 + a1) + tail;
+  return hsum<kLanes>(a0 + a1) + tail;
 }
 
 struct Layout {
@@ -172,7 +149,7 @@ at::Tensor masked_mse_cpu(const at::Tensor& pred_in, const at::Tensor& target_in
                           int64_t clones) {
   at::Tensor pred, target;
   Layout l;
-  prepare("masked_mse_cpu", pred_in, target_in, mask, clones, pred, target, l);
+  prepare("masked_mse", pred_in, target_in, mask, clones, pred, target, l);
   const int64_t R = pred.size(0);
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   const float* t = target.const_data_ptr<float>();
@@ -198,8 +175,8 @@ at::Tensor masked_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& pre
                                    const at::Tensor& mask, int64_t clones) {
   at::Tensor pred, target;
   Layout l;
-  prepare("masked_mse_backward_cpu", pred_in, target_in, mask, clones, pred, target, l);
-  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), "masked_mse_backward_cpu: grad must be a CPU scalar, got ",
+  prepare("masked_mse_backward", pred_in, target_in, mask, clones, pred, target, l);
+  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), "masked_mse_backward: grad must be a CPU scalar, got ",
               grad.sizes(), " on ", grad.device());
   at::Tensor out = at::empty(pred.sizes(), pred.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
@@ -224,14 +201,14 @@ at::Tensor masked_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& pre
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sslam_fast, m) {
-  m.def("masked_mse_cpu(Tensor pred, Tensor target, Tensor mask, int clones) -> Tensor");
-  m.def("masked_mse_backward_cpu(Tensor grad, Tensor pred, Tensor target, Tensor mask, int clones) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(sslam_fast_C, m) {
+  m.def("masked_mse(Tensor pred, Tensor target, Tensor mask, int clones) -> Tensor");
+  m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor mask, int clones) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sslam_fast, CPU, m) {
-  m.impl("masked_mse_cpu", &masked_mse_cpu);
-  m.impl("masked_mse_backward_cpu", &masked_mse_backward_cpu);
+TORCH_LIBRARY_IMPL(sslam_fast_C, CPU, m) {
+  m.impl("masked_mse", &masked_mse_cpu);
+  m.impl("masked_mse_backward", &masked_mse_backward_cpu);
 }
 
 }  // namespace sslam_fast
