@@ -1,7 +1,8 @@
 """Triton flash attention for the encoder's short sequences (ALGORITHM §2.1): forward and backward, no mask.
 
-``flash_attention_fwd`` and ``flash_attention_bwd`` are the launchers; ``sslam_fast.ops.attention`` validates the
-arguments and calls them on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+``flash_attention_fwd`` and ``flash_attention_bwd`` are the launchers: the ``triton`` backend of the custom ops
+``sslam_fast::attention`` and ``sslam_fast::attention_backward`` (``sslam_fast.ops.attention`` validates the arguments),
+on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
 Shapes: q, k, v (B, H, L, D), D in {16, 32, 64, 128}; L is 103 (student: 1 CLS + 102 visible tokens), 513 (teacher)
 or 273 (SSLAM's dropped teacher), with B*H up to 192 x 12. Clones and clips are just a larger batch: one program per

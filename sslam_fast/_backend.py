@@ -64,10 +64,10 @@ def _extension():
 
 
 def extension_has(op_name: str) -> bool:
-    """Whether the compiled extension registered ``torch.ops.sslam_fast.<op_name>``."""
+    """Whether the compiled extension registered ``torch.ops.sslam_fast_C.<op_name>``."""
     if _extension() is None:
         return False
-    return hasattr(torch.ops.sslam_fast, op_name)
+    return hasattr(torch.ops.sslam_fast_C, op_name)
 
 
 def cuda_extension_built() -> bool:
@@ -175,6 +175,8 @@ def _device_type_of(args) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device.type
+        if isinstance(a, torch.device):  # an op without tensor inputs (inverse_block_mask) names its device
+            return a.type
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
             return a[0].device.type
     return "cpu"
@@ -242,3 +244,208 @@ def reset_fallbacks() -> None:
     """Forget which backends were dropped or proven (tests)."""
     _DROPPED.clear()
     _PROVEN.clear()
+
+
+# --- the op contract --------------------------------------------------------------------------------------------------
+
+NAMESPACE = "sslam_fast"
+COMPILED_NAMESPACE = "sslam_fast_C"  # the C++ / CUDA ops of sslam_fast._C (csrc/), one schema per op
+
+
+def compiled(op_name: str) -> Callable:
+    """The C++ / CUDA kernel ``torch.ops.sslam_fast_C.<op_name>`` as a backend callable (looked up at call time, so
+    defining an op never imports the extension)."""
+
+    def run(*args):
+        return getattr(torch.ops.sslam_fast_C, op_name)(*args)
+
+    run.__name__ = f"{COMPILED_NAMESPACE}.{op_name}"
+    run.compiled_op = op_name
+    return run
+
+
+def compiled_available(op_name: str) -> Callable[[str], bool]:
+    """An availability check for :func:`compiled` backends: the extension is built and registered ``op_name``."""
+    return lambda device_type: extension_has(op_name)
+
+
+def triton_kernel(module: str, function: str) -> Callable:
+    """The launcher ``function`` of ``sslam_fast.kernels.<module>`` as a backend callable, imported on first call
+    (triton is imported only when a Triton backend runs)."""
+
+    def run(*args):
+        return getattr(importlib.import_module(f"sslam_fast.kernels.{module}"), function)(*args)
+
+    run.__name__ = f"kernels.{module}.{function}"
+    return run
+
+
+def always(device_type: str) -> bool:
+    """Availability check of a backend made of ATen calls: always there."""
+    return True
+
+
+@dataclass
+class Backward:
+    """The backward of an op, itself a custom op ``<name>_backward`` run by the backend that ran the forward.
+
+    schema: the backward op's arguments and results, without the trailing backend string (added here).
+    fake: the backward op's fake kernel (same arguments, with the backend string last).
+    kernels: backend name -> the backward kernel (same backends as the forward).
+    save: ``save(ctx, inputs, output)``: what the forward keeps for the backward (``inputs`` without the backend).
+    grads: ``grads(ctx, run_backward, *grad_outputs)`` -> one gradient (or None) per forward input other than the
+        backend; ``run_backward(*args)`` calls the backward op with the forward's backend appended.
+    checks: availability checks of the backward kernels, where they differ from the forward's.
+    validate: checks of the backward op's arguments (it can be called directly too), metadata only.
+    """
+
+    schema: str
+    fake: Callable
+    kernels: dict[str, Callable]
+    save: Callable
+    grads: Callable
+    checks: dict[str, Callable[[str], bool]] | None = None
+    validate: Callable | None = None
+
+
+def _with_backend(schema: str) -> str:
+    args, sep, results = schema.partition("->")
+    args = args.strip()
+    if not (sep and args.startswith("(") and args.endswith(")")):
+        raise ValueError(f"schema must look like '(args) -> results', got {schema!r}")
+    inner = args[1:-1].strip()
+    return f"({inner + ', ' if inner else ''}str backend) -> {results.strip()}"
+
+
+_DEFINED: dict[str, object] = {}
+
+
+def _custom_op(name: str, schema: str, kernels: dict[str, Callable], fake: Callable, validate: Callable | None):
+    """``sslam_fast::<name>(<schema args>, str backend)``: runs ``validate`` (the checks a direct call of
+    ``torch.ops.sslam_fast.<name>`` needs, metadata only), then the backend's kernel."""
+
+    def impl(*args):
+        *inputs, backend = args
+        if validate is not None:
+            validate(*inputs)
+        return kernel(name, backend)(*inputs)
+
+    impl.__name__ = name
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=_with_backend(schema))
+    op.register_fake(fake)
+    # A compiled kernel registered under the op's own name has the op's schema without the backend (csrc/): it gets
+    # the same fake, so FakeTensor and opcheck can trace it by itself too.
+    for backend, fn in kernels.items():
+        if getattr(fn, "compiled_op", None) == name and extension_has(name):
+            torch.library.register_fake(f"{COMPILED_NAMESPACE}::{name}")(
+                lambda *args, _b=backend: fake(*args, _b)
+            )
+            break
+    return op
+
+
+def _arg_names(schema: str) -> list[str]:
+    """The argument names of a schema string ``(Tensor x, int n=1, *, str b) -> ...``."""
+    inner = schema.partition("->")[0].strip()[1:-1]
+    return [a.split("=")[0].split()[-1] for a in inner.split(",") if a.strip() and a.strip() != "*"]
+
+
+def _autocast_kernel(op, device_type: str, positions: set[int] | None):
+    """Under autocast, run ``op`` with its floating inputs (those at ``positions``; None: all of them) cast to the
+    autocast dtype and autocast off inside (what ``torch.amp.custom_fwd(cast_inputs=...)`` does for an autograd
+    Function); the casts stay in the autograd graph, so fp32 parameters receive fp32 gradients."""
+
+    def run(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(i, a):
+            if (positions is None or i in positions) and isinstance(a, torch.Tensor) and a.is_floating_point() \
+                    and a.device.type == device_type:
+                return a.to(dtype)
+            return a
+
+        with torch.autocast(device_type, enabled=False):
+            return op(*(cast(i, a) for i, a in enumerate(args)))
+
+    return run
+
+
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    fake: Callable,
+    kernels: dict[str, Callable],
+    checks: dict[str, Callable[[str], bool]] | None = None,
+    preference: dict[str, tuple[str, ...]] | None = None,
+    validate: Callable | None = None,
+    backward: Backward | None = None,
+    autocast: bool | tuple[str, ...] = False,
+):
+    """Declare the op ``sslam_fast::<name>``: every op of ``sslam_fast.ops`` is made here, the same way.
+
+    Args:
+        name: the op's name; ``torch.ops.sslam_fast.<name>``, and its backward ``<name>_backward``.
+        schema: its arguments and results without the backend, e.g. ``"(Tensor x, int n) -> Tensor"``. The op takes
+            the backend string (from :func:`resolve`) as its last argument.
+        fake: the fake (meta) kernel: the output's shape, dtype and strides from the inputs' (backend last; a
+            backend whose output layout differs can be told apart by it).
+        kernels: backend name ("reference", "cpp", "cuda", "triton") -> the kernel, called with the op's arguments
+            without the backend. "reference" is required: the plain-PyTorch definition.
+        checks: backend name -> ``check(device_type) -> bool`` for backends whose availability depends on more than
+            the device (a compiled kernel: :func:`compiled_available`; ATen code: :func:`always`).
+        preference: device type -> backend order for ``auto`` where it differs from the default.
+        validate: checks of the op's arguments run inside the op before the kernel (metadata only: the op can be
+            called directly, bypassing the public function's checks).
+        backward: the op's :class:`Backward`; None for an op without gradients.
+        autocast: under CPU / CUDA autocast, cast the floating inputs (True: all; a tuple: the arguments of these
+            names) to the autocast dtype and run the op with autocast off.
+
+    Returns:
+        The custom op (call it with the op's arguments and the resolved backend).
+    """
+    if name in _DEFINED:
+        raise ValueError(f"op {name!r} is already defined")
+    if "reference" not in kernels:
+        raise ValueError(f"op {name!r} needs a 'reference' kernel")
+    unknown = set(kernels) - set(BACKENDS[1:])
+    if unknown:
+        raise ValueError(f"op {name!r}: unknown backends {sorted(unknown)} (expected some of {BACKENDS[1:]})")
+    register_op(OpBackends(name, dict(kernels), dict(checks or {}), dict(preference or {})))
+    op = _custom_op(name, schema, kernels, fake, validate)
+    if backward is not None:
+        if set(backward.kernels) != set(kernels):
+            raise ValueError(f"op {name!r}: the backward's backends {sorted(backward.kernels)} differ from the "
+                             f"forward's {sorted(kernels)}")
+        bwd_name = f"{name}_backward"
+        register_op(OpBackends(bwd_name, dict(backward.kernels), dict(backward.checks or checks or {}),
+                               dict(preference or {})))
+        bwd_op = _custom_op(bwd_name, backward.schema, backward.kernels, backward.fake, backward.validate)
+
+        def setup_context(ctx, inputs, output):
+            ctx.backend = inputs[-1]
+            backward.save(ctx, inputs[:-1], output)
+
+        def run_backward(ctx, *grad_outputs):
+            grads = backward.grads(ctx, lambda *args: bwd_op(*args, ctx.backend), *grad_outputs)
+            return (*grads, None)
+
+        op.register_autograd(run_backward, setup_context=setup_context)
+        _DEFINED[bwd_name] = bwd_op
+    if autocast:
+        positions = None
+        if autocast is not True:
+            names = _arg_names(schema)
+            unknown = set(autocast) - set(names)
+            if unknown:
+                raise ValueError(f"op {name!r}: autocast names {sorted(unknown)} that are not arguments of {schema!r}")
+            positions = {names.index(a) for a in autocast}
+        for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+            torch.library.impl(f"{NAMESPACE}::{name}", key)(_autocast_kernel(op, device_type, positions))
+    _DEFINED[name] = op
+    return op
+
+
+def defined_ops() -> dict[str, object]:
+    """Every op made by :func:`define_op` (forward and backward), by name."""
+    return dict(_DEFINED)

@@ -14,6 +14,8 @@ Two kinds of check:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -56,6 +58,7 @@ def value_checks(enabled: bool) -> Iterator[None]:
         _STATE.enabled = previous
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the model's activations and parameters can be
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -151,3 +154,49 @@ def check_lengths(lengths, batch: int, max_len: int, device: torch.device) -> to
         if lo < 0 or hi > max_len:
             raise ValueError(f"lengths must lie in [0, {max_len}] (the waveform width), got values in [{lo}, {hi}]")
     return lengths.to(torch.int64)
+
+
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_real(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
+               positive: bool = False) -> float:
+    """A finite real number (not a bool), optionally ``> 0`` or within ``[minimum, maximum]``; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    lo = -math.inf if minimum is None else minimum
+    hi = math.inf if maximum is None else maximum
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}], got {value}")
+    return value
+
+
+def check_device(device) -> torch.device:
+    """A cpu or cuda device (None: cpu); a bare ``cuda`` becomes the current CUDA device."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def check_generator(generator, device_type: str | None = None) -> None:
+    """None or a ``torch.Generator`` (on ``device_type`` when given)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if device_type is not None and generator.device.type != device_type:
+        raise ValueError(f"generator must be a {device_type} torch.Generator, got one on {generator.device}")

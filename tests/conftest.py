@@ -11,7 +11,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sslam_fast import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
+
 HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"  # where the shared tests put their tensors
+TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+on_cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks CPU behaviour (the CUDA tests run the kernels for real)")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ID = {v: k for k, v in DTYPES.items()}
+# torch.library.opcheck's checks, all of them
+OPCHECK_ALL = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+def needs_cpp(*compiled_ops: str):
+    """Skip unless sslam_fast._C was built with every ``torch.ops.sslam_fast_C.<op>`` named."""
+    missing = [op for op in compiled_ops if not _backend.extension_has(op)]
+    return pytest.mark.skipif(bool(missing), reason=f"sslam_fast._C was built without {', '.join(missing)}")
 
 
 def pytest_collection_modifyitems(config, items):

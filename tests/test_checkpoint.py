@@ -33,6 +33,7 @@ from sslam_fast.checkpoint import (
     tensor_checksums,
 )
 from sslam_fast.models import AudioClassifier, EATEncoder, ModelConfig, PretrainingModel
+from sslam_fast.reference import model as refm
 
 IMG = "modality_encoders.IMAGE."
 PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -121,7 +122,7 @@ def hf_port(seed=2, positions=True, head=None, **kw):
     return sd
 
 
-def spec_sincos(D, time_patches, W=8):
+def written_out_sincos(D, time_patches, W=8):
     """ALGORITHM §2.1 written out directly: row 8t+f; [sin f w, cos f w, sin t w, cos t w], w_k = 10000^(-k/(D/4))."""
     q = D // 4
     w = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
@@ -155,7 +156,7 @@ def assert_sd_equal(module_sd, expect):
 # base-size layout
 
 
-def test_base_key_list_matches_spec():
+def test_base_key_list_matches_algorithm():
     """The names/shapes we write for the released base model are exactly ALGORITHM §8's, and they map back to base()."""
     with torch.device("meta"):
         model = PretrainingModel(ModelConfig.base())
@@ -245,7 +246,7 @@ def test_hf_pretrain_load(tmp_path, positions):
     for i in range(2):
         for m in PARTS:
             assert torch.equal(enc.state_dict()[f"blocks.{i}.{m}.weight"], sd[f"model.blocks.{i}.{m}.weight"])
-    want = sd["model.fixed_positional_encoder.positions"] if positions else spec_sincos(64, 768)
+    want = sd["model.fixed_positional_encoder.positions"] if positions else written_out_sincos(64, 768)
     torch.testing.assert_close(enc.pos_embed.data, want, rtol=0, atol=1e-6)
     assert enc.extract_features(torch.randn(1, 1, 16, 128)).shape == (1, 9, 64)
 
@@ -605,7 +606,7 @@ def test_base_size_load_and_features_cuda(tmp_path):
     enc = load_pretrained(tmp_path / "base.pt")
     x = torch.randn(1, 1, 1024, 128)
     with torch.no_grad():
-        ref = enc.extract_features(x, fast=False)
+        ref = refm.extract_features(enc, x)  # the upstream-structured forward on the CPU
         out = enc.cuda().extract_features(x.cuda())
     assert out.shape == (1, 513, 768)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)

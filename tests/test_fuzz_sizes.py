@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = [0, 1, -1, -2, -(2**31), -(2**63), 2**31 - 1, 2**31, 2**32, 2**63 - 1]
 CHILD_TIMEOUT_S = 30  # per child process; a hanging call is named from its start marker
 ADDRESS_SPACE_LIMIT = 24 << 30  # bytes of virtual memory for the child: torch + the valid calls fit comfortably
-needs_cpp = pytest.mark.skipif(not _backend.extension_has("fbank_fused"), reason="sslam_fast._C not built")
+needs_cpp = pytest.mark.skipif(not _backend.extension_has("fbank"), reason="sslam_fast._C not built")
 
 
 # --- the calls (run in the child) -------------------------------------------------------------------------------------
@@ -42,9 +42,10 @@ import torch
 warnings.simplefilter("ignore")
 import sslam_fast.ops as ops
 from sslam_fast import _backend
-from sslam_fast.reference import fbank as fref
+from sslam_fast.reference import kaldi_fbank as fref
 
 C = torch.ops.sslam_fast
+CC = torch.ops.sslam_fast_C
 g = torch.Generator().manual_seed(0)
 
 
@@ -56,32 +57,32 @@ wave = torch.randn(2, 800, generator=g) * 0.1
 lengths = torch.tensor([800, 700])
 
 
-def fbank_fused(arg, value):
+def fbank(arg, value):
     kw = with_arg(dict(frame_length=400, frame_shift=160, n_fft=512, num_frames=3, out_frames=4), arg, value)
     window, banks = fref.hanning(400, "cpu"), fref.mel_banks(128, 512, 16000, "cpu")
-    return C.fbank_fused(wave, lengths, torch.zeros(2), window, banks, kw["frame_length"], kw["frame_shift"],
-                         kw["n_fft"], kw["num_frames"], kw["out_frames"], 0.0, 1.0)
+    return CC.fbank(wave, lengths, torch.zeros(2), window, banks, kw["frame_length"], kw["frame_shift"],
+                    kw["n_fft"], kw["num_frames"], kw["out_frames"], 0.0, 1.0)
 
 
-def inverse_block_mask_cpu(arg, value):
+def inverse_block_mask_cpp(arg, value):
     kw = with_arg(dict(rows=6, H=64, W=8, n_centers=5, mask_length=5, keep=102, seed=7), arg, value)
-    return C.inverse_block_mask_cpu(*kw.values())
+    return CC.inverse_block_mask(*kw.values())
 
 
-def inverse_block_mask_cpu_raw(arg, value):  # keep = -1 (no fix-up) and one centre: no keep <= H * W to trip over
+def inverse_block_mask_cpp_raw(arg, value):  # keep = -1 (no fix-up) and one centre: no keep <= H * W to trip over
     kw = with_arg(dict(rows=1, H=64, W=8, n_centers=1, mask_length=5, keep=-1, seed=0), arg, value)
-    return C.inverse_block_mask_cpu(*kw.values())
+    return CC.inverse_block_mask(*kw.values())
 
 
 pred, target, mask = torch.randn(6, 5, 8), torch.randn(2, 5, 8), torch.rand(6, 5) < 0.5
 
 
-def masked_mse_cpu(arg, value):
-    return C.masked_mse_cpu(pred, target, mask, value)
+def masked_mse_cpp(arg, value):
+    return CC.masked_mse(pred, target, mask, value)
 
 
-def masked_mse_backward_cpu(arg, value):
-    return C.masked_mse_backward_cpu(torch.tensor(1.0), pred, target, mask, value)
+def masked_mse_backward_cpp(arg, value):
+    return CC.masked_mse_backward(torch.tensor(1.0), pred, target, mask, value)
 
 
 def inverse_block_mask(arg, value):
@@ -92,7 +93,7 @@ def inverse_block_mask(arg, value):
 
 def inverse_block_mask_op(arg, value):  # the custom op itself, as torch.ops exposes it
     kw = with_arg(dict(batch_size=2, clones=3, H=64, W=8, n_centers=5, mask_length=5, keep=102), arg, value)
-    backend = "cpp" if _backend.extension_has("inverse_block_mask_cpu") else "reference"
+    backend = "cpp" if _backend.extension_has("inverse_block_mask") else "reference"
     return C.inverse_block_mask(*kw.values(), 7, torch.device("cpu"), backend)
 
 
@@ -153,11 +154,11 @@ for case, arg, value in json.loads(sys.stdin.read()):
 
 ARGS = {
     # C++ ops: filled in from the csrc schemas by cpp_int_args() (checked against this table)
-    "fbank_fused": ["frame_length", "frame_shift", "n_fft", "num_frames", "out_frames"],
-    "inverse_block_mask_cpu": ["rows", "H", "W", "n_centers", "mask_length", "keep", "seed"],
-    "masked_mse_cpu": ["clones"],
-    "masked_mse_backward_cpu": ["clones"],
-    "inverse_block_mask_cpu_raw": [],  # pairs only (PAIRS)
+    "fbank": ["frame_length", "frame_shift", "n_fft", "num_frames", "out_frames"],
+    "inverse_block_mask_cpp": ["rows", "H", "W", "n_centers", "mask_length", "keep", "seed"],
+    "masked_mse_cpp": ["clones"],
+    "masked_mse_backward_cpp": ["clones"],
+    "inverse_block_mask_cpp_raw": [],  # pairs only (PAIRS)
     # public ops (grid given as its two sizes H, W)
     "inverse_block_mask": ["batch_size", "clones", "H", "W", "mask_length"],
     "kaldi_fbank": ["sample_rate", "num_mel_bins"],
@@ -172,25 +173,27 @@ ARGS = {
     "kaldi_fbank_op": ["num_frames", "sample_rate", "num_mel_bins"],
     "eat_features_op": ["target_length"],
 }
-CPP_CASES = {"fbank_fused", "inverse_block_mask_cpu", "masked_mse_cpu", "masked_mse_backward_cpu"}
+# C++ op (torch.ops.sslam_fast_C.<op>) -> its case here (the public ops of the same name have cases of their own)
+CPP_CASES = {"fbank": "fbank", "inverse_block_mask": "inverse_block_mask_cpp", "masked_mse": "masked_mse_cpp",
+             "masked_mse_backward": "masked_mse_backward_cpp"}
 # Words an error may use to name an argument of the case (besides the argument names themselves).
 EXTRA_NAMES = {
-    "inverse_block_mask_cpu_raw": ["rows", "H", "W"],
+    "inverse_block_mask_cpp_raw": ["rows", "H", "W"],
     "inverse_block_mask": ["grid"],
     "inverse_block_mask_op": ["grid"],
-    "fbank_fused": ["mel_banks", "window"],
-    "masked_mse_cpu": ["target"],
-    "masked_mse_backward_cpu": ["target"],
+    "fbank": ["mel_banks", "window"],
+    "masked_mse_cpp": ["target"],
+    "masked_mse_backward_cpp": ["target"],
     "partial_max_mix": ["windows"],
 }
 # Products: both factors at once (2**32 x 2**32 wraps int64 to 0, (2**63 - 1)^2 to 1).
 PAIRS = {
-    "inverse_block_mask_cpu": ["H,W", "rows,H", "rows,W"],
+    "inverse_block_mask_cpp": ["H,W", "rows,H", "rows,W"],
     # the reproduction: (1, 2**32, 2**32, 1, 5, -1, 0) wrapped H * W to 0 and passed every check (exit 139)
-    "inverse_block_mask_cpu_raw": ["H,W", "rows,H", "rows,W"],
+    "inverse_block_mask_cpp_raw": ["H,W", "rows,H", "rows,W"],
     "inverse_block_mask": ["H,W", "batch_size,clones"],
     "inverse_block_mask_op": ["H,W", "batch_size,clones"],
-    "fbank_fused": ["num_frames,out_frames"],
+    "fbank": ["num_frames,out_frames"],
 }
 EXTRA_VALUES = {
     # a rate under the cap whose torchaudio resampling filter to 16 kHz would be 16000 x 1e6 float64 (128 GB)
@@ -212,11 +215,11 @@ def cpp_int_args() -> dict[str, list[str]]:
 
 def test_every_cpp_op_with_int_arguments_is_fuzzed():
     schemas = cpp_int_args()
-    assert {"fbank_fused", "inverse_block_mask_cpu", "masked_mse_cpu", "ln_gelu_residual_cpu"} <= set(schemas)
+    assert {"fbank", "inverse_block_mask", "masked_mse", "ln_gelu_residual"} <= set(schemas)
     with_ints = {op: args for op, args in schemas.items() if args}
-    assert set(with_ints) == CPP_CASES, "a C++ op with int arguments is missing from ARGS (or ARGS has a stale one)"
+    assert set(with_ints) == set(CPP_CASES), "CPP_CASES misses a C++ op with int arguments, or has a stale one"
     for op, args in with_ints.items():
-        assert ARGS[op] == args, f"{op}: fuzzed {ARGS[op]}, schema has {args}"
+        assert ARGS[CPP_CASES[op]] == args, f"{op}: fuzzed {ARGS[CPP_CASES[op]]}, schema has {args}"
 
 
 def _limit_memory():
@@ -291,7 +294,7 @@ def test_absurd_sizes_raise_named_errors_without_crashing():
     # the fuzz reached the checks: the absurd values are refused, the valid small ones are not all refused
     for case, args in ARGS.items():
         for arg in args:
-            if (case, arg) == ("inverse_block_mask_cpu", "seed"):
+            if (case, arg) == ("inverse_block_mask_cpp", "seed"):
                 continue  # any seed is valid
             assert outcomes[case, arg, 2**63 - 1]["type"] != "ok", (case, arg)
     assert all(outcomes["inverse_block_mask", a, 1]["type"] == "ok" for a in ("batch_size", "clones", "mask_length"))

@@ -1,4 +1,5 @@
-"""Importing the package never initialises CUDA and works without triton installed."""
+"""Importing the package (ops, models, the upstream-structured reference model, metrics, trainer) never initialises
+CUDA and works without triton installed."""
 
 import subprocess
 import sys
@@ -12,6 +13,7 @@ PROBE = textwrap.dedent(
     {block}
     import torch
     import sslam_fast, sslam_fast.ops
+    import sslam_fast.metrics, sslam_fast.models, sslam_fast.reference.model, sslam_fast.train
     from sslam_fast.ops import kaldi_fbank, eat_features
     assert not torch.cuda.is_initialized(), "importing sslam_fast initialised CUDA"
     assert sys.modules.get("triton") is None, "importing sslam_fast imported triton"

@@ -5,20 +5,18 @@ Triton kernels run on CUDA when there is one, else on CPU under the interpreter 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEV, DTYPES, HAS_CUDA, OPCHECK_ALL, needs_triton
 
 from sslam_fast import _backend
-from sslam_fast.ops import targets as targets_mod
-from sslam_fast.ops.targets import layer_targets
+from sslam_fast.ops import layer_targets
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+targets_mod = importlib.import_module("sslam_fast.ops.layer_targets")
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _layers(L, B, T, D, dtype=torch.float32, seed=0, device=DEV):
@@ -193,15 +191,24 @@ def test_bad_input():
 
 # --- custom-op plumbing -----------------------------------------------------------------------------------------------
 
-OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     layers = torch.stack(_layers(3, 2, 11, 12, torch.float16))
     op = torch.ops.sslam_fast.layer_targets.default
-    torch.library.opcheck(op, (layers, None, backend), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(op, (layers, torch.tensor([3, 0, 10], device=DEV), backend), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(op, (layers, None, backend), test_utils=OPCHECK_ALL)
+    torch.library.opcheck(op, (layers, torch.tensor([3, 0, 10], device=DEV), backend), test_utils=OPCHECK_ALL)
+
+
+def test_direct_op_call_checks_shapes():
+    """``torch.ops.sslam_fast.layer_targets`` called directly checks what the kernels index by."""
+    op = torch.ops.sslam_fast.layer_targets
+    layers = torch.randn(2, 2, 5, 8)
+    with pytest.raises(ValueError, match="layers"):
+        op(layers[0], None, "reference")
+    with pytest.raises(TypeError, match="token_index"):
+        op(layers, torch.tensor([0, 1], dtype=torch.int32), "reference")
+    with pytest.raises(ValueError, match="token_index"):
+        op(layers, torch.tensor([[0, 1]]), "reference")
 
 
 # --- compiled (non-interpreted) Triton -----------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def test_kernels_compile_for_sm90():
         ("_layer_targets_fwd_kernel", fwd, {"HAS_INDEX": True, "BLOCK_T": 4, "BLOCK_D": 1024}, 8),
         ("_layer_targets_fwd_kernel", fwd, {"HAS_INDEX": False, "K": 1, "BLOCK_T": 4, "BLOCK_D": 1024}, 8),  # top_k = 1
     ]
-    _compiles_for_sm90("targets", specs)
+    _compiles_for_sm90("layer_targets", specs)
 
 
 # --- CUDA -------------------------------------------------------------------------------------------------------------

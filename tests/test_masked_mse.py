@@ -1,7 +1,7 @@
 """Masked patch loss (ALGORITHM §4, §5.4): masked_mse, forward and gradients of every backend against the reference.
 
 Triton kernels run on CUDA when there is one, else on CPU under the interpreter (tests/conftest.py). The C++ kernel
-(csrc/loss.cpp) runs on CPU tensors: the shared tests give it CPU tensors even when there is a GPU.
+(csrc/masked_mse.cpp) runs on CPU tensors: the shared tests give it CPU tensors even when there is a GPU.
 """
 
 from __future__ import annotations
@@ -11,18 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEV, DTYPES, HAS_CUDA, needs_cpp, needs_triton
 
 from sslam_fast import _backend
-from sslam_fast.ops.loss import masked_mse
+from sslam_fast.ops.masked_mse import masked_mse
 
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-TRITON_OK = _backend.triton_importable() and (HAS_CUDA or _backend.triton_interpreter())
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
-CPP_OK = _backend.extension_has("masked_mse_cpu") and _backend.extension_has("masked_mse_backward_cpu")
-needs_cpp = pytest.mark.skipif(not CPP_OK, reason="sslam_fast._C was built without the masked_mse C++ kernels")
-BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+needs_kernels = needs_cpp("masked_mse", "masked_mse_backward")
+BACKENDS = ["reference", pytest.param("cpp", marks=needs_kernels), pytest.param("triton", marks=needs_triton)]
 
 
 def _dev(backend):
@@ -222,7 +217,7 @@ def test_opcheck(backend):
 # --- the C++ CPU kernel ----------------------------------------------------------------------------------------------
 
 
-@needs_cpp
+@needs_kernels
 @pytest.mark.parametrize("tdtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("pdtype", ["fp32", "fp16", "bf16"])
 def test_cpp_matches_reference_all_dtypes(pdtype, tdtype):
@@ -238,23 +233,23 @@ def test_cpp_matches_reference_all_dtypes(pdtype, tdtype):
     torch.testing.assert_close(gt, wt, rtol=0, atol=0)
 
 
-@needs_cpp
+@needs_kernels
 def test_cpp_same_bits_for_any_thread_count():
     pred, target, mask = _inputs(16, 64, 96, 4, seed=4, device="cpu")  # two parallel chunks with two threads
     pred, target = pred.detach(), target.detach()
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.sslam_fast.masked_mse_cpu(pred, target, mask, 4)
+        one = torch.ops.sslam_fast_C.masked_mse(pred, target, mask, 4)
         torch.set_num_threads(2)
-        two = torch.ops.sslam_fast.masked_mse_cpu(pred, target, mask, 4)
+        two = torch.ops.sslam_fast_C.masked_mse(pred, target, mask, 4)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(one, two)
     torch.testing.assert_close(one.double(), _oracle64(pred, target, mask, 4), rtol=1e-6, atol=0)
 
 
-@needs_cpp
+@needs_kernels
 def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     assert _backend.base_name(_backend.resolve("masked_mse", "auto", "cpu")) == "cpp"
@@ -269,23 +264,23 @@ def test_auto_prefers_cpp_on_cpu(monkeypatch):
     assert calls == ["masked_mse", "masked_mse_backward"]
 
 
-@needs_cpp
+@needs_kernels
 def test_cpp_ops_opcheck():
     pred, target, mask = _inputs(6, 9, 12, 3, device="cpu")
     pred, target = pred.detach(), target.detach()
-    torch.library.opcheck(torch.ops.sslam_fast.masked_mse_cpu.default, (pred, target, mask, 3))
+    torch.library.opcheck(torch.ops.sslam_fast_C.masked_mse.default, (pred, target, mask, 3))
     torch.library.opcheck(
-        torch.ops.sslam_fast.masked_mse_backward_cpu.default, (torch.tensor(1.5), pred, target, mask, 3)
+        torch.ops.sslam_fast_C.masked_mse_backward.default, (torch.tensor(1.5), pred, target, mask, 3)
     )
 
 
-@needs_cpp
+@needs_kernels
 def test_cpp_ops_refuse_a_wrapping_clone_count_and_no_channels():
     """target rows x clones overflowed int64 in the shape check: 4 x (2**62 + 1) wraps to 4 and passed for 4 rows of
     pred. D = 0 gave NaN (0 / sqrt(0))."""
     pred, target, mask = (t.detach() for t in _inputs(4, 5, 8, 1, device="cpu"))
-    for f in (torch.ops.sslam_fast.masked_mse_cpu,
-              lambda *a: torch.ops.sslam_fast.masked_mse_backward_cpu(torch.tensor(1.0), *a)):
+    for f in (torch.ops.sslam_fast_C.masked_mse,
+              lambda *a: torch.ops.sslam_fast_C.masked_mse_backward(torch.tensor(1.0), *a)):
         for clones in (2**62 + 1, 2**63 - 1):
             with pytest.raises(RuntimeError, match="clones must lie in"):
                 f(pred, target, mask, clones)
@@ -293,11 +288,11 @@ def test_cpp_ops_refuse_a_wrapping_clone_count_and_no_channels():
             f(pred[..., :0], target[..., :0], mask, 1)
 
 
-@needs_cpp
+@needs_kernels
 def test_cpp_ops_bad_input():
     pred, target, mask = _inputs(6, 5, 8, 2, device="cpu")
     pred, target = pred.detach(), target.detach()
-    f = torch.ops.sslam_fast.masked_mse_cpu
+    f = torch.ops.sslam_fast_C.masked_mse
     with pytest.raises(RuntimeError, match="target must have shape"):
         f(pred, target, mask, 3)
     with pytest.raises(RuntimeError, match="mask must have shape"):
@@ -307,7 +302,7 @@ def test_cpp_ops_bad_input():
     with pytest.raises(RuntimeError, match="pred must be float32, float16 or bfloat16"):
         f(pred.double(), target, mask, 2)
     with pytest.raises(RuntimeError, match="grad must be a CPU scalar"):
-        torch.ops.sslam_fast.masked_mse_backward_cpu(torch.ones(2), pred, target, mask, 2)
+        torch.ops.sslam_fast_C.masked_mse_backward(torch.ones(2), pred, target, mask, 2)
 
 
 # --- compiled (non-interpreted) Triton -----------------------------------------------------------------------------
@@ -330,7 +325,7 @@ def test_kernels_compile_for_sm90():
         ("_masked_mse_fwd_kernel", fwd, dict(blocks, clones=1), 4),  # clones == 1 is specialised to a constexpr
         ("_masked_mse_bwd_kernel", bwd, {"BLOCK_N": 16, "BLOCK_D": 256}, 4),
     ]
-    _compiles_for_sm90("loss", specs)
+    _compiles_for_sm90("masked_mse", specs)
 
 
 # --- CUDA -------------------------------------------------------------------------------------------------------------

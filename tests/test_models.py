@@ -1,4 +1,5 @@
-"""The EAT / SSLAM model (ALGORITHM §2-§5): layout, formulas, fast vs plain objectives, EMA, validation."""
+"""The EAT / SSLAM model (ALGORITHM §2-§5): layout, initialisation, formulas of the blocks, decoder and encoder, on
+sslam_fast.ops and on the upstream-structured sslam_fast.reference.model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from sslam_fast.models import AudioClassifier, CNNDecoder, EATEncoder, ModelConfig, PretrainingModel
 from sslam_fast.models.encoder import sincos_pos_table
+from sslam_fast.reference import model as refm
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,8 +86,8 @@ def test_pos_table_frequency_first():
     assert torch.equal(enc.pos_embed[0], sincos_pos_table(64, 768, 8))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
-def test_post_ln_block_formula(fast):
+@pytest.mark.parametrize("run", [lambda blk, x: blk(x), refm.block], ids=["fast", "plain"])
+def test_post_ln_block_formula(run):
     torch.manual_seed(0)
     enc = EATEncoder(ModelConfig.tiny())
     blk = enc.blocks[0]
@@ -93,7 +95,7 @@ def test_post_ln_block_formula(fast):
         for p in blk.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(3, 17, 64)
-    out, t = blk(x, fast=fast)
+    out, t = run(blk, x)
     # hand-written: a = x + proj(attn(qkv(x))); r = LN1(a); f = fc2(gelu(fc1(r))); out = LN2(r + f)
     D, Hh = 64, 4
     qkv = x @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
@@ -124,8 +126,8 @@ def test_decoder_fast_plain_and_formula(R, H):
     cfg = ModelConfig.tiny()
     dec = CNNDecoder(cfg)
     x = torch.randn(R, H * 8, 64, requires_grad=True)
-    out_f = dec(x, (H, 8), fast=True)
-    out_p = dec(x, (H, 8), fast=False)
+    out_f = dec(x, (H, 8))
+    out_p = refm.decoder(dec, x, (H, 8))
     z = x.detach().transpose(1, 2).reshape(R, 64, H, 8)
     for blk in dec.blocks:
         y = F.conv2d(z, blk[0].weight, blk[0].bias, padding=1, groups=4)
@@ -148,7 +150,7 @@ def test_extract_features_any_length(T):
     enc = EATEncoder(cfg)
     x = torch.randn(2, 1, T, 128)
     a = enc.extract_features(x)
-    b = enc.extract_features(x[:, 0], fast=False)  # (B, T, 128) is accepted too
+    b = refm.extract_features(enc, x[:, 0])  # (B, T, 128) is accepted too
     assert a.shape == (2, 1 + T // 16 * 8, 64)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # CLS first, the positional table added to the patches only: the CLS row equals a CLS-only forward's
@@ -156,7 +158,7 @@ def test_extract_features_any_length(T):
     patches = enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, : T // 16 * 8]
     h = torch.cat([ln, enc.input_norm(patches)], 1)
     for blk in enc.blocks:
-        h, _ = blk(h, fast=False)
+        h, _ = refm.block(blk, h)
     torch.testing.assert_close(a, h, rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,5 @@
-"""EAT / SSLAM objectives (ALGORITHM §4, §5): fast vs plain vs hand computation, gradients, EMA, validation."""
+"""EAT / SSLAM objectives (ALGORITHM §4, §5): the model on sslam_fast.ops ("fast") against the upstream-structured
+sslam_fast.reference.model ("plain") and a hand computation; gradients, EMA, validation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import torch
 
 from sslam_fast.models import ModelConfig, PretrainingModel
 from sslam_fast.ops import ema_decay
+from sslam_fast.reference import model as refm
+
+# the two ways to compute the loss terms / the EMA step of a PretrainingModel, as (model, *args, **kw) functions
+FAST, PLAIN = PretrainingModel.losses, refm.losses
+EMA_FAST, EMA_PLAIN = PretrainingModel.ema_step, refm.ema_step
 
 
 def _masks(R: int, N: int, keep: int, seed: int = 0) -> torch.Tensor:
@@ -40,10 +46,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _run(model, *args, **kw):
-    """Losses and the gradients of every parameter that got one."""
+def _run(losses, model, *args, **kw):
+    """``losses(model, *args, **kw)`` (FAST or PLAIN) and the gradients of every parameter that got one."""
     model.zero_grad(set_to_none=True)
-    out = model.losses(*args, **kw)
+    out = losses(model, *args, **kw)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in out.items()}, grads
@@ -70,7 +76,7 @@ def _hand_layers(enc, tokens):
     h = _ln(h, 1e-6) * enc.input_norm.weight + enc.input_norm.bias
     out = []
     for blk in enc.blocks:
-        h, f = blk(h, fast=False)
+        h, f = refm.block(blk, h)
         out.append(f[:, 1:])
     return h, out
 
@@ -89,7 +95,7 @@ def _hand_student(model, x, masks):
         h, _ = _hand_layers(st, xp[r // K, vis][None])
         cls.append(h[0, 0])
         dec_in[r, vis] = h[0, 1:]  # mask tokens are zeros at std 0
-    return model.decoder(dec_in, (N // 8, 8), fast=False), torch.stack(cls)
+    return refm.decoder(model.decoder, dec_in, (N // 8, 8)), torch.stack(cls)
 
 
 def _hand_losses(model, source, masks, windows=None):
@@ -131,15 +137,15 @@ def _hand_losses(model, source, masks, windows=None):
             "loss": (patch + mix_patch) / S + cls_rows}
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("losses", [PLAIN, FAST], ids=["plain", "fast"])
 @pytest.mark.parametrize("windows", [None, (16, 96)], ids=["eat", "sslam"])
-def test_losses_match_hand_computation(windows, fast):
+def test_losses_match_hand_computation(windows, losses):
     stage = "eat" if windows is None else "sslam"
     model = _model(stage, clones=2)
     cfg = model.cfg
     source = _source(2, cfg)
     masks = _masks(2 * cfg.clones, cfg.num_patches, 13)
-    got = {k: v.detach() for k, v in model.losses(source, masks, windows, mask_noise_std=0.0, fast=fast).items()}
+    got = {k: v.detach() for k, v in losses(model, source, masks, windows, mask_noise_std=0.0).items()}
     with torch.no_grad():
         want = _hand_losses(model, source, masks, windows)
     assert float(got["sample_size"]) == want["sample_size"] == (2 if windows else 1) * 2 * 2 * (128 - 13)
@@ -170,8 +176,8 @@ def test_fast_matches_plain_losses_and_grads(B, keep, windows):
     cfg = model.cfg
     source = _source(B, cfg, seed=B)
     masks = _masks(B * cfg.clones, cfg.num_patches, keep, seed=keep)
-    fast, g_fast = _run(model, source, masks, windows, mask_noise_std=0.0, fast=True)
-    plain, g_plain = _run(model, source, masks, windows, mask_noise_std=0.0, fast=False)
+    fast, g_fast = _run(FAST, model, source, masks, windows, mask_noise_std=0.0)
+    plain, g_plain = _run(PLAIN, model, source, masks, windows, mask_noise_std=0.0)
     for key in fast:
         a, b = float(fast[key]), float(plain[key])
         assert abs(a - b) <= 1e-5 * abs(b), (key, a, b)
@@ -192,7 +198,7 @@ def test_fast_path_on_triton_kernels(monkeypatch):
     model = _model("sslam")
     cfg = model.cfg
     source, masks = _source(1, cfg), _masks(cfg.clones, cfg.num_patches, 9)
-    plain, g_plain = _run(model, source, masks, windows, mask_noise_std=0.0, fast=False)
+    plain, g_plain = _run(PLAIN, model, source, masks, windows, mask_noise_std=0.0)
 
     def boom(*a, **k):
         raise AssertionError("repeat_interleave in the fast path")
@@ -200,13 +206,13 @@ def test_fast_path_on_triton_kernels(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", boom)
     monkeypatch.setattr(torch, "repeat_interleave", boom)
     monkeypatch.setenv("SSLAM_FAST_BACKEND", "triton")
-    fast, g_fast = _run(model, source, masks, windows, mask_noise_std=0.0, fast=True)
+    fast, g_fast = _run(FAST, model, source, masks, windows, mask_noise_std=0.0)
     for key in fast:
         assert abs(float(fast[key]) - float(plain[key])) <= 1e-5 * abs(float(plain[key])), key
     for n in g_plain:
         assert _rel(g_fast[n], g_plain[n]) < 1e-5, n
     with pytest.raises(AssertionError, match="repeat_interleave"):  # the plain path is upstream's: it repeats
-        model.losses(source, masks, windows, mask_noise_std=0.0, fast=False)
+        refm.losses(model, source, masks, windows, mask_noise_std=0.0)
 
 
 def test_default_fast_path_makes_no_clone_copies(monkeypatch):
@@ -221,7 +227,7 @@ def test_default_fast_path_makes_no_clone_copies(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", boom)
     monkeypatch.setattr(torch, "repeat_interleave", boom)
     monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
-    out = model.losses(source, masks, (16, 96), fast=True)
+    out = model.losses(source, masks, (16, 96))
     out["loss"].backward()
     assert math.isfinite(float(out["loss"]))
 
@@ -233,9 +239,9 @@ def test_fast_path_under_torch_compile():
     model = _model("sslam")
     cfg = model.cfg
     source, masks = _source(2, cfg), _masks(2 * cfg.clones, cfg.num_patches, 9)
-    eager, g_eager = _run(model, source, masks, windows, mask_noise_std=0.0, fast=True)
+    eager, g_eager = _run(FAST, model, source, masks, windows, mask_noise_std=0.0)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda s, m: model.losses(s, m, windows, mask_noise_std=0.0, fast=True))
+    compiled = torch.compile(lambda s, m: model.losses(s, m, windows, mask_noise_std=0.0))
     model.zero_grad(set_to_none=True)
     out = compiled(source, masks)
     out["loss"].backward()
@@ -248,19 +254,19 @@ def test_fast_path_under_torch_compile():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
-def test_mask_noise_changes_loss(fast):
+@pytest.mark.parametrize("losses", [FAST, PLAIN], ids=["fast", "plain"])
+def test_mask_noise_changes_loss(losses):
     model = _model("eat")
     model.requires_grad_(False)  # values only
     cfg = model.cfg
     source, masks = _source(2, cfg), _masks(2 * cfg.clones, cfg.num_patches, 26)
-    base = model.losses(source, masks, mask_noise_std=0.0, fast=fast)
-    again = model.losses(source, masks, mask_noise_std=0.0, fast=fast)
+    base = losses(model, source, masks, mask_noise_std=0.0)
+    again = losses(model, source, masks, mask_noise_std=0.0)
     assert float(base["loss"]) == float(again["loss"])  # std 0: deterministic
     torch.manual_seed(1)
-    n1 = model.losses(source, masks, fast=fast)  # cfg.mask_noise_std = 0.01
+    n1 = losses(model, source, masks)  # cfg.mask_noise_std = 0.01
     torch.manual_seed(2)
-    n2 = model.losses(source, masks, mask_noise_std=0.5, fast=fast)
+    n2 = losses(model, source, masks, mask_noise_std=0.5)
     for out in (n1, n2):
         assert math.isfinite(float(out["loss"]))
         assert float(out["patch"]) != float(base["patch"])
@@ -299,31 +305,31 @@ def _student_moved(model, seed=3):
             p.add_(torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
-def test_ema_step_update_and_guard(fast):
+@pytest.mark.parametrize("ema_step", [EMA_FAST, EMA_PLAIN], ids=["fast", "plain"])
+def test_ema_step_update_and_guard(ema_step):
     model = _model("eat")
     _student_moved(model)
     before = {n: p.clone() for n, p in model.teacher.named_parameters()}
     # a fresh run: step 0 is skipped (num_updates >= n), step 1 updates
-    assert model.ema_step(0, fast=fast) is False and model.num_updates == 0
-    assert model.ema_step(1, fast=fast) is True and model.num_updates == 1
+    assert ema_step(model, 0) is False and model.num_updates == 0
+    assert ema_step(model, 1) is True and model.num_updates == 1
     d = ema_decay(1)
     s = dict(model.student.named_parameters())
     for n, p in model.teacher.named_parameters():
         want = s[n] if n == "pos_embed" else before[n] * d + s[n] * (1 - d)  # the frozen table is copied
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
-    assert model.ema_step(1, fast=fast) is False  # same update count again: skipped
+    assert ema_step(model, 1) is False  # same update count again: skipped
     # resuming stage 2 from a checkpoint at 400k updates: step 0 skips and the schedule restarts (ALGORITHM §11.9)
     model.num_updates = 400000
     snap = [p.clone() for p in model.teacher.parameters()]
-    assert model.ema_step(0, fast=fast) is False and model.num_updates == 0
+    assert ema_step(model, 0) is False and model.num_updates == 0
     assert all(torch.equal(a, b) for a, b in zip(snap, model.teacher.parameters()))
-    assert model.ema_step(1, fast=fast) is True
+    assert ema_step(model, 1) is True
     # starting from num_updates == 0 with n > 1 (a resumed run's first step): skipped
     model.num_updates = 0
-    assert model.ema_step(7, fast=fast) is False and model.num_updates == 7
+    assert ema_step(model, 7) is False and model.num_updates == 7
     model.eval()
-    assert model.ema_step(8, fast=fast) is False and model.num_updates == 8  # eval mode: no EMA
+    assert ema_step(model, 8) is False and model.num_updates == 8  # eval mode: no EMA
 
 
 def test_ema_fast_equals_plain():
@@ -331,7 +337,7 @@ def test_ema_fast_equals_plain():
     _student_moved(a)
     _student_moved(b)
     for n in (1, 2, 3):
-        assert a.ema_step(n, fast=True) and b.ema_step(n, fast=False)
+        assert EMA_FAST(a, n) and EMA_PLAIN(b, n)
     for (na, pa), (nb, pb) in zip(a.teacher.named_parameters(), b.teacher.named_parameters()):
         assert na == nb
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
@@ -390,8 +396,8 @@ def test_cuda_base_fast_matches_plain(windows):
     B = 4
     source = torch.randn(B, 1, 1024, 128, device="cuda")
     masks = _masks(B * 8, 512, 102).cuda()
-    fast, g_fast = _run(model, source, masks, windows, mask_noise_std=0.0, fast=True)
-    plain, g_plain = _run(model, source, masks, windows, mask_noise_std=0.0, fast=False)
+    fast, g_fast = _run(FAST, model, source, masks, windows, mask_noise_std=0.0)
+    plain, g_plain = _run(PLAIN, model, source, masks, windows, mask_noise_std=0.0)
     for key in fast:
         assert abs(float(fast[key]) - float(plain[key])) <= 1e-4 * abs(float(plain[key])), key
     for n in g_plain:

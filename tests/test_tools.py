@@ -1,6 +1,6 @@
 """Inference tools (ALGORITHM §1, §8): audio decoding, ``python -m sslam_fast.extract / predict / evaluate`` run
-in-process
-on generated wav / flac files with a tiny model saved through the checkpoint writers, and AP / mAP."""
+in-process on generated wav / flac files with a tiny model saved through the checkpoint writers (the metrics
+themselves: tests/test_metrics.py)."""
 
 import math
 import os
@@ -16,6 +16,7 @@ from sslam_fast import evaluate as ev
 from sslam_fast import extract, predict
 from sslam_fast.audio import AudioError, clip_frames, default_target_length, list_audio, load_audio
 from sslam_fast.checkpoint import save_finetuned_checkpoint, save_pretraining_checkpoint
+from sslam_fast.metrics import mean_average_precision
 from sslam_fast.models import AudioClassifier, ModelConfig, PretrainingModel
 from sslam_fast.ops import eat_features
 
@@ -260,30 +261,7 @@ def test_read_class_labels_rejects_bad_header(tmp_path):
         predict.read_class_labels(p)
 
 
-# --- AP / mAP / evaluate ----------------------------------------------------------------------------------------------
-
-
-def test_average_precision_hand_computed():
-    # ranks: + - + - : P@1 = 1, P@3 = 2/3; AP = 0.5 * 1 + 0.5 * 2/3
-    assert ev.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6, abs=1e-12)
-    # ties form one threshold: {0.5, 0.5} -> P = 1/2 at R = 1/2; then 0.2 -> P = 2/3 at R = 1. Ranking the tied
-    # positive first would give 1/2 + 1/3 = 5/6: the order inside a tie must not matter.
-    assert ev.average_precision([0.5, 0.5, 0.2], [1, 0, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3, abs=1e-12)
-    assert ev.average_precision([0.5, 0.5, 0.2], [0, 1, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3, abs=1e-12)
-    assert ev.average_precision([0.1, 0.9, 0.3], [0, 1, 0]) == 1.0
-    assert ev.average_precision([0.9, 0.1, 0.3], [0, 1, 0]) == pytest.approx(1 / 3, abs=1e-12)
-    assert math.isnan(ev.average_precision([0.2, 0.1], [0, 0]))
-
-
-def test_mean_average_precision_skips_classes_without_positives():
-    s = np.array([[0.9, 0.1, 0.5], [0.8, 0.2, 0.4], [0.7, 0.3, 0.3], [0.6, 0.4, 0.2]])
-    y = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1]])
-    m, ap = ev.mean_average_precision(s, y)
-    assert math.isnan(ap[1])
-    np.testing.assert_allclose(ap[[0, 2]], [5 / 6, 1 / 4])
-    assert m == pytest.approx((5 / 6 + 1 / 4) / 2, abs=1e-12)
-    with pytest.raises(ValueError, match="same"):
-        ev.average_precision([1.0, 2.0], [1])
+# --- evaluate ---------------------------------------------------------------------------------------------------------
 
 
 def _clf_scores(ckpts, data, names):
@@ -313,7 +291,7 @@ def test_evaluate_main(data, ckpts, tmp_path, capsys, style):
         assert out.err.count("unknown label mid '/m/unknown'") == 1
     got = float(re.search(r"mAP (\S+) over 3 classes with positives, 4 clips", out.out).group(1))
     y = np.array([[int(m in mids[n]) for m in MIDS] for n in names])
-    want, ap = ev.mean_average_precision(_clf_scores(ckpts, data, names), y)
+    want, ap = mean_average_precision(_clf_scores(ckpts, data, names), y)
     assert got == pytest.approx(want, abs=2e-6)
     assert np.isnan(ap).sum() == 3
 
@@ -396,8 +374,8 @@ def _eval(ckpts, data, tmp_path, labels_text: str, mids: dict):
 
 
 def test_evaluate_labels_of_no_model_class_is_an_error(data, ckpts, tmp_path, capsys):
-    """Targets named in mids the labels file does not hold: every clip would be all-negative ("mAP nan over 0
-    classes", exit 0 before); now exit 2 before the model runs, with one line saying why."""
+    """Targets named in mids the labels file does not hold: every clip would be all-negative (an mAP of NaN over 0
+    classes), so evaluate exits 2 before the model runs, with one line saying why."""
     labels = "".join(f"{i},/m/other{i},Other {i}\n" for i in range(NUM_CLASSES))
     rc = _eval(ckpts, data, tmp_path, labels, {"a.wav": [MIDS[0]], "c.flac": [MIDS[2], MIDS[3]]})
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The trainer and checkpoints that are damaged, foreign or do not fit the run (the reliability issue):
+"""The trainer and checkpoints that are damaged, foreign or do not fit the run:
 
 * a damaged newest checkpoint (truncated, or tensor bytes overwritten inside a valid archive) -> the run resumes from
   the newest one that loads, with one warning naming each bad file, which stays where it was;

@@ -42,7 +42,8 @@ def test_presets_validate_and_build_model_config(name):
     assert mc.stage == cfg.stage and mc.clones == cfg.clones
 
 
-def test_preset_values_follow_spec():
+def test_preset_values_follow_algorithm():
+    """The stage presets hold ALGORITHM §6-§7's hyper-parameters."""
     eat, sslam, tiny = PRESETS["eat-as2m"], PRESETS["sslam-as2m"], PRESETS["tiny"]
     assert (eat.stage, eat.clones, eat.lr, eat.warmup_updates, eat.max_updates) == ("eat", 16, 5e-4, 53333, 400000)
     assert (sslam.stage, sslam.clones, sslam.lr, sslam.warmup_updates, sslam.max_updates) == (
@@ -198,7 +199,8 @@ def tiny_model():
     return PretrainingModel(ModelConfig.tiny())
 
 
-def test_param_groups_follow_spec(tiny_model):
+def test_param_groups_follow_algorithm(tiny_model):
+    """ALGORITHM §6: weight decay on every trained tensor except 1-D ones and biases (the CLS token is decayed)."""
     groups = param_groups(tiny_model, 0.05)
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     decay, no_decay = set(groups[0]["names"]), set(groups[1]["names"])

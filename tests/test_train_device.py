@@ -1,5 +1,5 @@
 """The trainer on the device it is given: the device of each rank, the process group, no host syncs in the steady
-state, and a compiled stage-2 forward that compiles once.
+state, a compiled stage-2 forward that compiles once, and the precision of the forward (bf16 autocast on a CPU too).
 
 The sync test counts, with a ``TorchDispatchMode``, the ATen calls that read a tensor's value back to the host
 (``aten._local_scalar_dense``: what ``.item()``, ``float(t)``, ``int(t)`` and ``bool(t)`` call, and the ops whose
@@ -11,11 +11,14 @@ between two log lines must have none. The CUDA variant runs the same steps under
 from __future__ import annotations
 
 import functools
+import json
+import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sslam_fast.models import CNNDecoder, PretrainingModel
 from sslam_fast.train import distributed, load_config, loop, train
 
 SYNC_OPS = {
@@ -179,6 +182,42 @@ def test_gpu_ranks_join_one_group_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     env = distributed.setup("cpu")
     assert env.device == torch.device("cpu") and seen == {"backend": "gloo"}
+
+
+@pytest.mark.parametrize("stage", ["eat", "sslam"])
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("auto", torch.float32)], ids=["bf16", "auto"])
+def test_cpu_precision_sets_the_forward_dtype_and_trains(base, monkeypatch, stage, precision, dtype):
+    """``--precision=bf16`` on a CPU runs the forward under CPU bf16 autocast (no grad scaler), as on CUDA: the
+    decoder's predictions are bf16 and the fp32 parameters train to finite losses. ``auto`` on a CPU stays fp32."""
+    states, preds = [], []
+    orig_losses, orig_decoder = PretrainingModel.losses, CNNDecoder.forward
+
+    def losses(self, *args, **kwargs):
+        states.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        out = orig_losses(self, *args, **kwargs)
+        assert all(p.dtype == torch.float32 for p in self.parameters())  # autocast casts activations, not weights
+        return out
+
+    def decoder(self, *args, **kwargs):
+        out = orig_decoder(self, *args, **kwargs)
+        preds.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(PretrainingModel, "losses", losses)
+    monkeypatch.setattr(CNNDecoder, "forward", decoder)
+    run_dir = base / f"precision_{precision}_{stage}"
+    summary = train(_cfg(base, run_dir.name, f"--stage={stage}", f"--precision={precision}", "--device=cpu",
+                         "--log_every=1"), stop_after=3)
+    assert summary["steps"] == 3 and len(states) == len(preds) == 3
+    if dtype == torch.bfloat16:
+        assert states == [(True, torch.bfloat16)] * 3
+    else:
+        assert not any(enabled for enabled, _ in states)
+    assert preds == [dtype] * 3
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses_seen = [r["loss"] for r in records if not r.get("summary")]
+    assert len(losses_seen) == 3 and all(math.isfinite(v) and v > 0 for v in losses_seen)
+    assert summary["skipped_steps"] == 0 and math.isfinite(summary["final_loss"])
 
 
 def test_train_refuses_cuda_without_a_gpu(base, monkeypatch):

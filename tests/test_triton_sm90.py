@@ -49,17 +49,18 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 # new or changed device test fails ``test_device_dependent_launch_config_is_reviewed`` until it is reviewed here.
 DEVICE_DEPENDENT = {
     "attention": (3, "tile_config(device_type, ...) picks the tiles: the capture calls it with 'cuda'"),
-    "masks": (2, "rows_per_program defaults to 1 on CUDA, 64 under the interpreter: the capture passes 1"),
-    "fbank": (8, "validation (CPU tensors need the interpreter), the torch.cuda.device context, and _bf16_by_hand "
-                 "(integer bf16 rounding only under the interpreter): the capture makes it answer False"),
+    "inverse_block_mask": (2, "rows_per_program defaults to 1 on CUDA, 64 under the interpreter: the capture passes 1"),
+    "kaldi_fbank": (8, "validation (CPU tensors need the interpreter), the torch.cuda.device context, and "
+                       "_bf16_by_hand (integer bf16 rounding only under the interpreter): the capture makes it answer "
+                       "False"),
 }
 
 
 def capture_setup():
     """Make the launchers that choose their configuration by device type choose the CUDA one (see DEVICE_DEPENDENT)."""
     import sslam_fast.kernels.attention as ka
-    import sslam_fast.kernels.fbank as kf
-    import sslam_fast.kernels.masks as km
+    import sslam_fast.kernels.inverse_block_mask as km
+    import sslam_fast.kernels.kaldi_fbank as kf
 
     kf._bf16_by_hand = lambda device_type: False
     # The launches are recorded, not run: the ops' outputs stay uninitialised, so the value checks that read an

@@ -19,25 +19,15 @@ weights are not trained), so there is nothing for a fake kernel or an autograd f
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from sslam_fast.reference import training as ref
+from sslam_fast._checks import check_real, is_int
+from sslam_fast.reference import ema as ref
 
 __all__ = ["ema_decay", "ema_update_"]
-
-
-def _check_unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
 
 
 def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end_step: int = 100000) -> float:
@@ -47,13 +37,13 @@ def ema_decay(num_updates: int, start: float = 0.9998, end: float = 0.99999, end
     ``num_updates`` is the number of optimizer steps done so far (int >= 0); start and end lie in [0, 1];
     end_step is a positive int.
     """
-    if isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral):
+    if not is_int(num_updates):
         raise TypeError(f"num_updates must be an int, got {type(num_updates).__name__}")
     if num_updates < 0:
         raise ValueError(f"num_updates must be >= 0, got {num_updates}")
-    start = _check_unit_interval("start", start)
-    end = _check_unit_interval("end", end)
-    if isinstance(end_step, bool) or not isinstance(end_step, numbers.Integral):
+    start = check_real("start", start, minimum=0, maximum=1)
+    end = check_real("end", end, minimum=0, maximum=1)
+    if not is_int(end_step):
         raise TypeError(f"end_step must be an int, got {type(end_step).__name__}")
     if end_step <= 0:
         raise ValueError(f"end_step must be positive, got {end_step}")
@@ -115,7 +105,7 @@ def ema_update_(teacher_params, student_params, decay: float, frozen=None) -> No
         raise ValueError(
             f"student_params must have one tensor per teacher tensor ({len(teachers)}), got {len(students)}"
         )
-    decay = _check_unit_interval("decay", decay)
+    decay = check_real("decay", decay, minimum=0, maximum=1)
     if frozen is not None:
         if isinstance(frozen, torch.Tensor) or not isinstance(frozen, Iterable):
             raise TypeError(f"frozen must be None or a list of bools, got {type(frozen).__name__}")
