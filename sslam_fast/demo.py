@@ -81,7 +81,7 @@ def main(argv=None) -> None:
 
     want, t_up = _timed(lambda: upstream_features(clips, args.sample_rate, 1024))
     print(f"  upstream torchaudio loop   {1e3 * t_up / args.batch:7.3f} ms/clip")
-    for backend in _backend.available_backends("fbank", "cpu"):
+    for backend in _backend.available_backends("eat_features", "cpu"):
         if backend == "triton":
             continue  # the interpreter is a correctness tool, not a fast path
         got, t = _timed(lambda b=backend: eat_features(clips, sample_rate=args.sample_rate, backend=b))

@@ -17,9 +17,9 @@ Accepted formats:
   clip with an empty mid list counts as all-negative; an unknown mid is reported once and ignored.
 
 mAP = mean of the per-class average precision over the classes with at least one positive (classes without positives
-are undefined in sklearn and left out). AP is sklearn's step-wise definition: sum over the distinct score thresholds,
-in decreasing order, of (R_n - R_{n-1}) * P_n, tied scores forming one threshold. Files that cannot be read are
-reported on stderr and skipped; the exit code is 0 when at least one clip was scored.
+are undefined in sklearn and left out); ``sslam_fast.metrics.mean_average_precision`` computes it (sklearn's step-wise
+AP, tied scores forming one threshold). Files that cannot be read are reported on stderr and skipped; the exit code is
+0 when at least one clip was scored.
 """
 
 from __future__ import annotations
@@ -34,43 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from sslam_fast.extract import MAX_TARGET_LENGTH, Reporter, load_model_or_exit, model_max_frames, resolve_device
+from sslam_fast.metrics import mean_average_precision
 from sslam_fast.predict import _target_length, predict, read_class_labels
 
-__all__ = ["average_precision", "main", "mean_average_precision", "read_manifest", "read_targets"]
+__all__ = ["evaluate", "main", "read_manifest", "read_targets"]
 
 _SPLIT = re.compile(r"[;,]")
-
-
-def average_precision(scores, targets) -> float:
-    """AP of one class (``sklearn.metrics.average_precision_score`` semantics); NaN when there is no positive."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(targets).reshape(-1).astype(bool)
-    if s.shape != y.shape:
-        raise ValueError(f"scores and targets must have the same length, got {s.shape} and {y.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores must be finite")
-    npos = int(y.sum())
-    if npos == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each distinct score
-    tps = np.cumsum(y)[last].astype(np.float64)
-    precision = tps / (last + 1)
-    recall = tps / npos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def mean_average_precision(scores, targets) -> tuple[float, np.ndarray]:
-    """``(mAP, per-class AP)`` of (N, C) scores and {0, 1} targets; classes without a positive get NaN and are left
-    out of the mean (NaN mAP if no class has a positive)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(targets)
-    if s.ndim != 2 or s.shape != y.shape:
-        raise ValueError(f"scores and targets must both be (N, C), got {s.shape} and {y.shape}")
-    ap = np.array([average_precision(s[:, c], y[:, c]) for c in range(s.shape[1])], dtype=np.float64)
-    valid = ~np.isnan(ap)
-    return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[Path, list[tuple[str, list[str] | None]]]:

@@ -16,18 +16,17 @@ __all__ = ["AudioClassifier"]
 
 
 class AudioClassifier(nn.Module):
-    def __init__(self, cfg: ModelConfig | None = None, num_classes: int = 527, *, fast: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig | None = None, num_classes: int = 527) -> None:
         super().__init__()
         cfg = cfg if cfg is not None else ModelConfig()
         self.cfg = cfg
-        self.fast = bool(fast)
         self.encoder = EATEncoder(cfg)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, num_classes)
 
     def extract_features(self, fbank: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, 128) or (B, T, 128) -> (B, 1 + N, D): the encoder's block-12 output, CLS first."""
-        return self.encoder.extract_features(fbank, fast=self.fast)
+        return self.encoder.extract_features(fbank)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, 128) -> (B, num_classes) logits from the CLS token."""

@@ -2,8 +2,9 @@
 
 ``blocks.{i}`` is an ``nn.Sequential`` laid out like upstream's (conv, channel-LayerNorm via two transposes, GELU), so
 its index 0 is the grouped conv and the state-dict keys map one to one (``decoder.blocks.{i}.0``). ``proj`` is the
-final Linear. ``fast=True`` runs each block as ATen conv + the fused ``sslam_fast.ops.decoder_block`` tail on a
-channels-last view of the token tensor; ``fast=False`` runs upstream's modules one by one.
+final Linear. The forward runs each block as ``sslam_fast.ops.decoder_block`` (ATen conv + the fused LayerNorm / GELU /
+residual tail) on a channels-last view of the token tensor; ``sslam_fast.reference.model.decoder`` runs upstream's
+modules one by one on the same parameters.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from sslam_fast.models.config import ModelConfig
+from sslam_fast.ops import decoder_block
 
 __all__ = ["CNNDecoder"]
 
@@ -44,27 +46,15 @@ class CNNDecoder(nn.Module):
         )
         self.proj = nn.Linear(D, D)  # PyTorch's default Linear reset (Decoder2d.reset_parameters)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], *, fast: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """x: (R, N, D) with N = H * W for ``grid = (H, W)``."""
         R, N, D = x.shape
         H, W = grid
         if H * W != N:
             raise ValueError(f"grid {grid} does not match the {N} tokens of x")
-        if fast:
-            from sslam_fast.ops.decoder import decoder_block
-
-            # (R, N, D) contiguous viewed as (R, D, H, W) is channels-last: no copy, the layout the fused tail wants.
-            z = x.transpose(1, 2).reshape(R, D, H, W)
-            for blk in self.blocks:
-                conv = blk[0]
-                z = decoder_block(z, conv.weight, conv.bias, conv.groups)
-            return self.proj(z.reshape(R, D, N).transpose(1, 2))
-        # upstream Decoder2d.forward: B, T, C -> B, C, H, W; residual after every block; back to B, T, C; proj
-        x = x.transpose(1, 2).reshape(R, D, H, W)
-        residual = x
+        # (R, N, D) contiguous viewed as (R, D, H, W) is channels-last: no copy, the layout the fused tail wants.
+        z = x.transpose(1, 2).reshape(R, D, H, W)
         for blk in self.blocks:
-            x = blk(x)
-            x = x + residual
-            residual = x
-        x = x.reshape(R, D, N).transpose(1, 2)
-        return self.proj(x)
+            conv = blk[0]
+            z = decoder_block(z, conv.weight, conv.bias, conv.groups)
+        return self.proj(z.reshape(R, D, N).transpose(1, 2))

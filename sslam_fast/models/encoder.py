@@ -6,9 +6,10 @@ LayerNorm only) and ``models/modules.py : AltBlock / AltAttention`` (``layer_nor
 Parameter names follow the naming contract (``patch_embed``, ``pos_embed``, ``cls_token``, ``input_norm``,
 ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``).
 
-Every forward takes ``fast``: True runs attention through ``sslam_fast.ops.attention`` (backend auto: SDPA / flash /
-Triton) and the MLP through ``sslam_fast.ops.gelu_mlp`` (GELU recomputed in the backward, not stored); False is
-upstream's materialised ``softmax_fp32(q k^T) v`` and the plain ``fc2(gelu(fc1(x)))``.
+Attention runs through ``sslam_fast.ops.attention`` (backend auto: SDPA / flash / Triton) and the MLP through
+``sslam_fast.ops.gelu_mlp`` (GELU recomputed in the backward, not stored). ``sslam_fast.reference.model`` runs the same
+parameters the upstream way (materialised ``softmax_fp32(q k^T) v``, plain ``fc2(gelu(fc1(x)))``): the oracle of the
+tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from sslam_fast._checks import check_tensor
 from sslam_fast.models.config import ModelConfig
+from sslam_fast.ops import attention, gelu_mlp
 
 __all__ = ["EATEncoder", "Block", "sincos_pos_table"]
 
@@ -43,7 +45,8 @@ def sincos_pos_table(embed_dim: int, time_patches: int, freq_patches: int) -> to
 
 
 class Attention(nn.Module):
-    """``AltAttention``: one fused qkv Linear, softmax in fp32, output projection; no mask, no ALiBi."""
+    """``AltAttention``: one fused qkv Linear, softmax in fp32 (``sslam_fast.ops.attention``), output projection; no
+    mask, no ALiBi. ``scale`` is upstream's ``head_dim ** -0.5``."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -52,25 +55,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, C) -> q, k, v as (B, heads, L, C / heads) views of one qkv projection (upstream's permute)."""
         B, L, C = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if fast:
-            from sslam_fast.ops.attention import attention
+        return qkv[0], qkv[1], qkv[2]
 
-            x = attention(q, k, v)
-        else:  # upstream, line by line: scale q, materialise the scores, softmax in fp32, cast back
-            dtype = q.dtype
-            q = q * self.scale
-            attn = q @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1, dtype=torch.float32).to(dtype=dtype)
-            x = attn @ v
-        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        out = attention(*self.qkv_heads(x))
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class Mlp(nn.Module):
-    """timm ``Mlp``: fc1, exact-erf GELU, fc2."""
+    """timm ``Mlp``: fc1, exact-erf GELU, fc2, as ``sslam_fast.ops.gelu_mlp`` (same numbers, GELU recomputed in the
+    backward instead of stored). ``act`` is the GELU module of upstream's layout (no parameters)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -78,12 +77,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        if fast:  # same numbers, GELU recomputed in the backward instead of stored
-            from sslam_fast.ops.mlp import gelu_mlp
-
-            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):
@@ -96,10 +91,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(x, fast)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(x)
         r = x = self.norm1(x)
-        x = self.mlp(x, fast)
+        x = self.mlp(x)
         t = x  # ffn_targets=True: the layer target is the FFN output before the residual and LN2
         x = self.norm2(r + x)
         return x, t
@@ -141,7 +136,7 @@ class EATEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         self.cls_token.normal_(0.0, 1.0)
 
-    # --- pieces shared by the student, the teachers and the plain / fast paths ----------------------------------
+    # --- pieces shared by the student, the teachers and sslam_fast.reference.model ------------------------------------
 
     def check_fbank(self, fbank, name: str = "fbank") -> torch.Tensor:
         """(B, 1, T, F) or (B, T, F) float with F = W * patch, T a multiple of the patch, <= max_time_patches."""
@@ -168,23 +163,21 @@ class EATEncoder(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         return self.input_norm(torch.cat([cls, x], dim=1))
 
-    def run_blocks(
-        self, x: torch.Tensor, fast: bool = True, keep_targets: int = 0
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_blocks(self, x: torch.Tensor, keep_targets: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the blocks; also return the FFN outputs of the last ``keep_targets`` blocks (CLS included)."""
         targets = []
         first_kept = len(self.blocks) - keep_targets
         for i, blk in enumerate(self.blocks):
-            x, t = blk(x, fast)
+            x, t = blk(x)
             if i >= first_kept:
                 targets.append(t)
         return x, targets
 
-    def extract_features(self, fbank: torch.Tensor, *, fast: bool = True) -> torch.Tensor:
+    def extract_features(self, fbank: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, 128) or (B, T, 128) log-mels -> (B, 1 + T/16 * 8, D): block-12 output, CLS first, no masking."""
         fbank = self.check_fbank(fbank)
         x = self.add_cls_and_norm(self.patchify(fbank))
-        return self.run_blocks(x, fast)[0]
+        return self.run_blocks(x)[0]
 
-    def forward(self, fbank: torch.Tensor, *, fast: bool = True) -> torch.Tensor:
-        return self.extract_features(fbank, fast=fast)
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        return self.extract_features(fbank)

@@ -1,9 +1,10 @@
 """The EAT / SSLAM pre-training model: student encoder, CNN decoder, EMA teacher and the objectives (ALGORITHM §2-§5).
 
 ``PretrainingModel(cfg).losses(source, masks, mix_windows=None)`` returns the loss terms of one step; ``ema_step(n)``
-is fairseq's ``set_num_updates`` (resume guard + decay schedule + EMA update of the teacher). Submodule names follow the
-naming contract: ``student`` (EATEncoder), ``decoder`` (CNNDecoder), ``teacher`` (EATEncoder, frozen, eval),
-``num_updates`` (int), ``cfg``.
+is fairseq's ``set_num_updates`` (resume guard + decay schedule + EMA update of the teacher). Both run on
+``sslam_fast.ops``; ``sslam_fast.reference.model.losses`` / ``ema_step`` compute the same the upstream way on the same
+model. Submodule names follow the naming contract: ``student`` (EATEncoder), ``decoder`` (CNNDecoder), ``teacher``
+(EATEncoder, frozen, eval), ``num_updates`` (int), ``cfg``.
 """
 
 from __future__ import annotations
@@ -18,19 +19,30 @@ from sslam_fast.models import objectives
 from sslam_fast.models.config import ModelConfig
 from sslam_fast.models.decoder import CNNDecoder
 from sslam_fast.models.encoder import EATEncoder
-from sslam_fast.ops.mix import windows_tensor
+from sslam_fast.ops import ema_decay, ema_update_
 
-__all__ = ["PretrainingModel"]
+__all__ = ["PretrainingModel", "mix_windows_tensor"]
+
+
+def mix_windows_tensor(mix_windows, device) -> torch.Tensor:
+    """(s1, s2) as a (2,) int64 tensor on ``device``: from a pair of ints (copied from pinned host memory on CUDA, so
+    the copy never waits for the device) or a 2-element int tensor. The values are not checked here;
+    :meth:`PretrainingModel.check_inputs` checks them."""
+    if isinstance(mix_windows, torch.Tensor):
+        return mix_windows.reshape(2).to(device=device, dtype=torch.int64, non_blocking=True)
+    host = torch.tensor([int(mix_windows[0]), int(mix_windows[1])], dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class PretrainingModel(nn.Module):
-    """Student + decoder + EMA teacher. ``fast`` is the default for ``losses`` / ``ema_step`` (True: sslam_fast.ops)."""
+    """Student + decoder + EMA teacher."""
 
-    def __init__(self, cfg: ModelConfig | None = None, *, fast: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
         super().__init__()
         cfg = cfg if cfg is not None else ModelConfig()
         self.cfg = cfg
-        self.fast = bool(fast)
         self.student = EATEncoder(cfg)
         self.decoder = CNNDecoder(cfg)
         # make_target_model: the teacher starts as a copy of the student (without the decoder)
@@ -54,51 +66,35 @@ class PretrainingModel(nn.Module):
         return self.training and not ((self.num_updates == 0 and n > 1) or self.num_updates >= n)
 
     @torch.no_grad()
-    def ema_step(
-        self, num_updates: int, *, fast: bool | None = None, schedule: tuple[float, float, int] | None = None
-    ) -> bool:
+    def ema_step(self, num_updates: int, *, schedule: tuple[float, float, int] | None = None) -> bool:
         """``set_num_updates(num_updates)``, called at the start of every train step with the optimizer steps done.
 
         When :meth:`ema_due` (training mode, past the resume guard: after loading a checkpoint at n > 0 the first
         call does nothing), ``teacher <- d * teacher + (1 - d) * student`` with ``d = ema_decay(num_updates,
         *schedule)`` for trained parameters and a copy for frozen ones (the positional table); ``schedule`` is
         (start, end, end_step), None for ALGORITHM §4's 0.9998 -> 0.99999 over 100k. Always sets ``self.num_updates``.
-        Returns whether the teacher was updated (False also when d is 1).
+        Returns whether the teacher was updated (False also when d is 1). The update is ``sslam_fast.ops.ema_update_``
+        (``torch._foreach`` ops over all parameters at once).
         """
         if isinstance(num_updates, bool) or not isinstance(num_updates, numbers.Integral) or num_updates < 0:
             raise ValueError(f"num_updates must be an int >= 0, got {num_updates!r}")
         n = int(num_updates)
-        fast = self.fast if fast is None else bool(fast)
         updated = False
         if self.ema_due(n):
-            from sslam_fast.ops.ema import ema_decay
-
             decay = ema_decay(n) if schedule is None else ema_decay(n, *schedule)
-            teacher = list(self.teacher.parameters())
-            student = list(self.student.parameters())
             if decay < 1:
-                if fast:
-                    from sslam_fast.ops.ema import ema_update_
-
-                    ema_update_(teacher, student, decay)
-                else:  # EMAModule._step_internal, parameter by parameter (lr = 1 - decay)
-                    lr = 1 - decay
-                    for t, s in zip(teacher, student):
-                        if not s.requires_grad:
-                            t.copy_(s.to(dtype=t.dtype).data)
-                        else:
-                            t.mul_(1 - lr)
-                            t.add_(s.data.to(dtype=t.dtype), alpha=lr)
+                ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), decay)
                 updated = True
         self.num_updates = n
         return updated
 
     # --- objectives (ALGORITHM §4, §5) --------------------------------------------------------------------------------
 
-    def _check_inputs(self, source, masks, mix_windows, mask_noise_std, num_kept):
-        """Structural checks always; the checks that read tensor values (equal kept counts, window offsets given as
-        a tensor) only when ``sslam_fast._checks.value_checks_enabled()`` (a host sync each on a GPU). Returns the
-        windows as a (2,) int64 tensor on source's device (or None), the noise std and the kept count per row."""
+    def check_inputs(self, source, masks, mix_windows=None, mask_noise_std=None, num_kept=None):
+        """The argument checks of :meth:`losses`: structural checks always; the checks that read tensor values (equal
+        kept counts, window offsets given as a tensor) only when ``sslam_fast._checks.value_checks_enabled()`` (a host
+        sync each on a GPU). Returns the windows as a (2,) int64 tensor on source's device (or None), the noise std
+        and the kept count per row."""
         cfg = self.cfg
         check_tensor("source", source, ndim=4, dtypes=(torch.float32, torch.float16, torch.bfloat16))
         B, C, T, Fb = source.shape
@@ -140,7 +136,6 @@ class PretrainingModel(nn.Module):
         return windows, float(std), int(num_kept)
 
     def _check_windows(self, mix_windows, T: int, device: torch.device) -> torch.Tensor:
-        cfg = self.cfg
         if isinstance(mix_windows, torch.Tensor):
             if mix_windows.dtype not in (torch.int32, torch.int64) or mix_windows.numel() != 2:
                 raise ValueError(f"mix_windows must be a pair (s1, s2) of ints or a 2-element int tensor, got a "
@@ -149,7 +144,7 @@ class PretrainingModel(nn.Module):
                 self._check_window_values(mix_windows.reshape(-1).tolist(), T)
         else:
             self._check_window_values(mix_windows, T)
-        return windows_tensor(mix_windows, cfg.mix_window_frames, T, device)
+        return mix_windows_tensor(mix_windows, device)
 
     def _check_window_values(self, mix_windows, T: int) -> None:
         cfg = self.cfg
@@ -170,7 +165,7 @@ class PretrainingModel(nn.Module):
         """Every check of :meth:`losses`, the value checks included, whatever ``value_checks_enabled()`` says: what a
         trainer runs eagerly on its first step before a compiled forward (which runs structural checks only)."""
         with value_checks(True):
-            self._check_inputs(source, masks, mix_windows, None, num_kept)
+            self.check_inputs(source, masks, mix_windows, None, num_kept)
 
     def losses(
         self,
@@ -178,7 +173,6 @@ class PretrainingModel(nn.Module):
         masks: torch.Tensor,
         mix_windows=None,
         mask_noise_std: float | None = None,
-        fast: bool | None = None,
         num_kept: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss terms of one pre-training step (ALGORITHM §4 stage 1, §5 stage 2).
@@ -192,7 +186,6 @@ class PretrainingModel(nn.Module):
                 is never read back: under ``torch.compile`` new windows are new data, not a recompile). The mixed
                 half reuses ``masks``.
             mask_noise_std: std of the decoder's mask tokens; None uses ``cfg.mask_noise_std``; 0 is deterministic.
-            fast: True runs on sslam_fast.ops, False the plain upstream-structured path; None uses ``self.fast``.
             num_kept: the kept (unmasked) tokens per row of ``masks`` when the caller knows it (the trainer does: the
                 mask generator keeps a fixed count). None reads it from the masks, one host sync on a GPU.
 
@@ -202,11 +195,8 @@ class PretrainingModel(nn.Module):
             times S), ``sample_size`` (S, the masked-token count of the student rows) and
             ``loss = (patch + mix_patch + cls) / S``.
         """
-        windows, std, num_kept = self._check_inputs(source, masks, mix_windows, mask_noise_std, num_kept)
-        fast = self.fast if fast is None else bool(fast)
-        if fast:
-            return objectives.losses_fast(self, source, masks, windows, std, num_kept)
-        return objectives.losses_plain(self, source, masks, windows, std)
+        windows, std, num_kept = self.check_inputs(source, masks, mix_windows, mask_noise_std, num_kept)
+        return objectives.losses(self, source, masks, windows, std, num_kept)
 
     def forward(
         self, source: torch.Tensor, masks: torch.Tensor, mix_windows=None, num_kept: int | None = None

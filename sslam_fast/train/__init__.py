@@ -1,4 +1,5 @@
-"""The lean trainer: configuration, optimiser / schedule and run-state helpers (issue "torchrun train.py")."""
+"""The lean pre-training trainer behind ``train.py`` (single process or ``torchrun``): configuration, the training loop,
+optimiser / schedule, run-state helpers and the end-of-run linear probe."""
 
 from sslam_fast.train.config import PRESETS, ConfigError, TrainConfig, load_config
 from sslam_fast.train.loop import TrainingError, default_data_root, train

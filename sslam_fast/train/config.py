@@ -46,7 +46,7 @@ class TrainConfig:
     target_length: int = 1024  # frames after crop / pad (ALGORITHM §1)
     grad_accum: int = 1
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is present, else CPU) | "cpu" | "cuda"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16" (bf16 autocast, CPU too)
     compile: bool = False  # torch.compile the model's forward + losses (inductor)
     num_workers: int = 8
     features_in_workers: bool = False  # fbank + masks in the loader workers (upstream's placement), not in the step

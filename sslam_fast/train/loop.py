@@ -246,7 +246,7 @@ def _ema_step(model, n: int, cfg: TrainConfig) -> float:
 
     schedule = (cfg.ema_start, cfg.ema_end, cfg.ema_end_step)
     due = model.ema_due(n)
-    model.ema_step(n, fast=True, schedule=schedule)
+    model.ema_step(n, schedule=schedule)
     return ema_decay(n, *schedule) if due else float("nan")
 
 
@@ -443,20 +443,22 @@ class _Stepper:
     Adam's step count stay as they were, and :class:`StepStats` counts the step."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, model, ddp, optimizer, scheduler):
-        from sslam_fast.reference.masks import mask_counts
+        from sslam_fast.reference.inverse_block_mask import mask_counts
 
         self.cfg, self.env, self.model, self.ddp = cfg, env, model, ddp
         self.forward = torch.compile(ddp) if cfg.compile else ddp
         self.optimizer, self.scheduler = optimizer, scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fused = bool(optimizer.defaults.get("fused"))
-        self.autocast = env.cuda and cfg.precision in ("auto", "bf16")
+        # bf16 autocast: "auto" on CUDA, "bf16" on CUDA and CPU alike; no grad scaler (bf16 has fp32's exponent range)
+        self.autocast = cfg.precision == "bf16" or (env.cuda and cfg.precision == "auto")
+        self.autocast_device = env.device.type
         self.num_kept = mask_counts(cfg.grid, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust)[1]
         self.last_terms: torch.Tensor | None = None
 
     def _inputs(self, batch: dict, step: int, micro: int):
+        from sslam_fast.models.pretraining import mix_windows_tensor
         from sslam_fast.ops import sample_mix_windows
-        from sslam_fast.ops.mix import windows_tensor
 
         cfg, device = self.cfg, self.env.device
         rng = _step_rng(cfg.seed, step, self.env.rank, micro)
@@ -470,7 +472,7 @@ class _Stepper:
         if cfg.stage == "sslam":  # drawn on the host, handed over as a device tensor: never read back, never a
             # new constant for torch.compile
             s = sample_mix_windows(rng, num_frames=cfg.target_length, window_frames=cfg.mix_window_frames)
-            windows = windows_tensor(s, cfg.mix_window_frames, cfg.target_length, device)
+            windows = mix_windows_tensor(s, device)
         return source, masks, windows
 
     def fetch(self, batches: _Batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
@@ -506,7 +508,7 @@ class _Stepper:
             sync = self.ddp.no_sync() if self.env.world > 1 and not last else contextlib.nullcontext()
             t1 = clock.mark()
             with sync:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.autocast):
                     out = self.forward(source, masks, windows, self.num_kept)
                 t2 = clock.mark()
                 (out["loss"] / cfg.grad_accum).backward()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sslam_fast.metrics import mean_average_precision
+
 __all__ = ["clip_features", "fit_and_score", "linear_probe"]
 
 
@@ -40,8 +42,6 @@ def clip_features(encoder, default_set, cfg, device="cpu", batch_size: int = 32)
 def fit_and_score(feats: torch.Tensor, labels: torch.Tensor, *, steps: int = 300, lr: float = 0.01,
                   weight_decay: float = 1e-3, seed: int = 0) -> float:
     """Fit on the first half, return the mAP on the second half."""
-    from sslam_fast.evaluate import mean_average_precision
-
     n = feats.shape[0] // 2
     x_fit, x_test = feats[:n].double(), feats[n:].double()
     mean, std = x_fit.mean(0), x_fit.std(0).clamp_min(1e-6)
