@@ -42,7 +42,7 @@ from sslam_fast.ops import eat_features  # noqa: E402
 
 def run_cpu(batch: int, repeats: int) -> list[str]:
     clips = torch.randn(batch, 160000, generator=torch.Generator().manual_seed(0)) * 0.1
-    backends = [b for b in _backend.available_backends("fbank", "cpu") if b != "triton"]
+    backends = [b for b in _backend.available_backends("eat_features", "cpu") if b != "triton"]
     rows = ["| threads | path | ms / clip | speed-up vs loop | max abs diff |", "|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -75,7 +75,7 @@ def run_cuda(batch: int, repeats: int, cpu_clips: int) -> list[str]:
             torch.set_num_threads(threads)
         rows.append(f"| torchaudio per-clip loop, CPU, 1 thread (upstream's worker) | - | {1e6 * t / len(sub):.1f} | "
                     f"- | - | - |")
-    for b in _backend.available_backends("fbank", "cuda"):
+    for b in _backend.available_backends("eat_features", "cuda"):
         got = eat_features(clips, backend=b)
         t = cuda_median_time(lambda b=b: eat_features(clips, backend=b), repeats=repeats, warmup=3, flush_l2=True)
         rows.append(f"| eat_features[{b}] | {1e3 * t:.3f} | {1e6 * t / batch:.2f} | {hbm_bytes / t / 1e9:.0f} | "

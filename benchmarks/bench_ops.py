@@ -7,9 +7,10 @@
 
 Paths per op: ``reference`` (the plain-PyTorch oracle in ``sslam_fast/reference``), ``compile(reference)`` (default
 inductor; a failure is reported with its exception type), and the public op with ``backend="auto"`` (CPU: cpp or
-reference; SDPA for attention) or, on CUDA, with every available non-reference backend by name. The Triton
-interpreter is never timed. ``fwd`` runs under ``no_grad``; ``fwd+bwd`` runs the forward with grad-requiring inputs
-and ``backward`` of a fixed upstream gradient (ops without gradients show "-").
+reference; SDPA for attention) or, on CUDA, with every available non-reference backend by name (a backend that is
+not available here, e.g. triton not installed, the extension not built, is left out). A failure of the reference or
+of an op raises. The Triton interpreter is never timed. ``fwd`` runs under ``no_grad``; ``fwd+bwd`` runs the forward
+with grad-requiring inputs and ``backward`` of a fixed upstream gradient (ops without gradients show "-").
 
 Peak memory is the peak of bytes allocated above the level at the start of the call: on CUDA
 ``max_memory_allocated() - memory_allocated()`` after ``reset_peak_memory_stats``; on CPU the running sum of the
@@ -49,19 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_median_time, hbm_peak, machine_line, median_time, write_section  # noqa: E402
 
 from sslam_fast import _backend, ops  # noqa: E402
-from sslam_fast.reference import attention as ref_attn  # noqa: E402
-from sslam_fast.reference import mix as ref_mix  # noqa: E402
-from sslam_fast.reference import routing as ref_routing  # noqa: E402
-from sslam_fast.reference import training as ref_train  # noqa: E402
-
-try:  # being finished by another engineer: skip the mask ops if they do not import yet
-    from sslam_fast.ops import masks as ops_masks
-    from sslam_fast.reference import masks as ref_masks
-
-    MASKS_IMPORT_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure means "skip", reported in the table
-    ops_masks = ref_masks = None
-    MASKS_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from sslam_fast.reference.attention import attention as ref_attention  # noqa: E402
+from sslam_fast.reference.clone_gather import clone_gather as ref_clone_gather  # noqa: E402
+from sslam_fast.reference.decoder_block import decoder_block as ref_decoder_block  # noqa: E402
+from sslam_fast.reference.decoder_scatter import decoder_scatter as ref_decoder_scatter  # noqa: E402
+from sslam_fast.reference.decoder_scatter import mask_noise as ref_mask_noise  # noqa: E402
+from sslam_fast.reference.ema import ema_update_ as ref_ema_update_  # noqa: E402
+from sslam_fast.reference.gelu_mlp import gelu_mlp as ref_gelu_mlp  # noqa: E402
+from sslam_fast.reference.inverse_block_mask import inverse_block_mask as ref_inverse_block_mask  # noqa: E402
+from sslam_fast.reference.layer_targets import layer_targets as ref_layer_targets  # noqa: E402
+from sslam_fast.reference.mask_indices import mask_indices as ref_mask_indices  # noqa: E402
+from sslam_fast.reference.masked_mse import masked_mse as ref_masked_mse  # noqa: E402
+from sslam_fast.reference.mix_waveforms import mix_waveforms as ref_mix_waveforms  # noqa: E402
+from sslam_fast.reference.partial_max_mix import partial_max_mix as ref_partial_max_mix  # noqa: E402
 
 BF16_FLOP_S = 989e12  # H100 / H200 SXM dense bf16 (HBM bandwidth differs: common.hbm_peak)
 MASK_NOISE_STD = 0.01
@@ -138,7 +139,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         io = _b(x) + _b(ids_keep) + R * (1 + k) * D * x.element_size()
         cases.append(Case(
             "clone_gather", f"B{B} K{K} N{N} k{k} D{D}", [x, ids_keep, cls, w, b],
-            lambda x, i, c, w, b: ref_routing.clone_gather(x, i, K, c, w, b),
+            lambda x, i, c, w, b: ref_clone_gather(x, i, K, c, w, b),
             lambda be, x, i, c, w, b: ops.clone_gather(x, i, K, c, w, b, backend=be),
             "clone_gather", grad_args=(0, 2, 3, 4), bytes_fwd=io, bytes_bwd=io + _b(x)))
 
@@ -148,7 +149,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         out_b = R * N * D * x.element_size()
         cases.append(Case(
             "decoder_scatter", f"R{R} k{k} N{N} D{D}", [x, ids_restore],
-            lambda x, r: ref_routing.decoder_scatter(x, r, ref_routing.mask_noise(x, N - k, MASK_NOISE_STD)),
+            lambda x, r: ref_decoder_scatter(x, r, ref_mask_noise(x, N - k, MASK_NOISE_STD)),
             lambda be, x, r: ops.decoder_scatter(x, r, MASK_NOISE_STD, backend=be),
             "decoder_scatter", grad_args=(0,), bytes_fwd=_b(x) + _b(ids_restore) + out_b,
             bytes_bwd=out_b + _b(ids_restore) + _b(x)))
@@ -160,7 +161,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
             qkv = [mk.randn(bb, hh, L, 64, scale=0.5) for _ in range(3)]
             flops = 4.0 * bb * hh * L * L * 64
             cases.append(Case(
-                "attention", f"BH {bb}x{hh} L{L} d64", qkv, ref_attn.attention,
+                "attention", f"BH {bb}x{hh} L{L} d64", qkv, ref_attention,
                 lambda be, q, kk, v: ops.attention(q, kk, v, backend=be), "attention",
                 grad_args=(0, 1, 2), flops_fwd=flops, flops_bwd=2.5 * flops))
 
@@ -176,14 +177,14 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         decay = 0.9998
         cases.append(Case(
             "ema_update_", f"{len(shapes)} tensors, {n_el / 1e6:.1f} M fp32", [teach, stud],
-            lambda t, s: ref_train.ema_update_(t, s, decay),
+            lambda t, s: ref_ema_update_(t, s, decay),
             lambda be, t, s: ops.ema_update_(t, s, decay), None, bytes_fwd=3 * 4 * n_el))
 
     if "layer_targets" in names:
         clips = B if real else 4  # the teacher sees all 2B clips once (no clones)
         layers = mk.randn(12, clips, N, D)
         cases.append(Case(
-            "layer_targets", f"L12 B{clips} T{N} D{D}", [layers], lambda y: ref_train.layer_targets(y),
+            "layer_targets", f"L12 B{clips} T{N} D{D}", [layers], lambda y: ref_layer_targets(y),
             lambda be, y: ops.layer_targets(y, 12, backend=be), "layer_targets",
             bytes_fwd=_b(layers) + clips * N * D * 4))
 
@@ -194,8 +195,8 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         flops = 2.0 * R * C * (C // G) * 9 * hh * ww
         cases.append(Case(
             "decoder_block", f"R{R} C{C} {hh}x{ww} g{G}", [z, wt, bs],
-            lambda z, w, b: ref_train.decoder_block(z, w, b, G),
-            lambda be, z, w, b: ops.decoder_block(z, w, b, G, backend=be), "ln_gelu_residual",
+            lambda z, w, b: ref_decoder_block(z, w, b, G),
+            lambda be, z, w, b: ops.decoder_block(z, w, b, G, backend=be), "decoder_block",
             grad_args=(0, 1, 2), flops_fwd=flops, flops_bwd=2 * flops))
 
     if "masked_mse" in names:
@@ -203,7 +204,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         mask, _, _ = mk.masks(R, N, k)
         cases.append(Case(
             "masked_mse", f"R{R} (B{B} x K{K}) N{N} D{D}", [pred, target, mask],
-            lambda p, t, m: ref_train.masked_mse(p, t, m, K),
+            lambda p, t, m: ref_masked_mse(p, t, m, K),
             lambda be, p, t, m: ops.masked_mse(p, t, m, clones=K, backend=be), "masked_mse",
             grad_args=(0, 1), bytes_fwd=_b(pred) + _b(target) + _b(mask),
             bytes_bwd=_b(pred) + _b(target) + _b(mask) + _b(pred) + _b(target)))
@@ -215,7 +216,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         w2, b2 = mk.randn(D, 4 * D, scale=0.02), mk.randn(D, scale=0.02)
         flops = 2.0 * 2 * R * (1 + k) * D * 4 * D
         cases.append(Case(
-            "gelu_mlp", f"R{R} L{1 + k} D{D} H{4 * D}", [x, w1, b1, w2, b2], ref_train.gelu_mlp,
+            "gelu_mlp", f"R{R} L{1 + k} D{D} H{4 * D}", [x, w1, b1, w2, b2], ref_gelu_mlp,
             lambda be, *a: ops.gelu_mlp(*a), None, grad_args=(0, 1, 2, 3, 4), flops_fwd=flops, flops_bwd=2 * flops))
 
     if "partial_max_mix" in names:
@@ -224,7 +225,7 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         s1, s2 = 100, 500
         cases.append(Case(
             "partial_max_mix", f"B{clips} T1024 F128 concat fp32", [spec],
-            lambda s: ref_mix.partial_max_mix(s, s1, s2, 240, True),
+            lambda s: ref_partial_max_mix(s, s1, s2, 240, True),
             lambda be, s: ops.partial_max_mix(s, (s1, s2), concat=True, backend=be), "partial_max_mix",
             bytes_fwd=3 * _b(spec)))
 
@@ -233,22 +234,22 @@ def build_cases(device: str, quick: bool, dtype: torch.dtype, names: list[str]) 
         a, b = mk.randn(clips, 160000, dtype=f32), mk.randn(clips, 160000, dtype=f32)
         snr = mk.randn(clips, dtype=f32, scale=5.0)
         cases.append(Case(
-            "mix_waveforms", f"B{clips} N160000 fp32", [a, b, snr], ref_mix.mix_waveforms,
+            "mix_waveforms", f"B{clips} N160000 fp32", [a, b, snr], ref_mix_waveforms,
             lambda be, a, b, s: ops.mix_waveforms(a, b, s, backend=be), "mix_waveforms", bytes_fwd=3 * _b(a)))
 
-    if "masks" in names and ops_masks is not None:
+    if "masks" in names:
         clips = 12
         gen = torch.Generator().manual_seed(0)
         mk_dev = dev if dev != "meta" else "cpu"
         cases.append(Case(
             "inverse_block_mask", f"B{clips} K8 grid 64x8", [],
-            lambda: ref_masks.inverse_block_mask(clips, 8, generator=gen, device=mk_dev),
-            lambda be: ops_masks.inverse_block_mask(clips, 8, generator=gen, device=mk_dev, backend=be),
+            lambda: ref_inverse_block_mask(clips, 8, generator=gen, device=mk_dev),
+            lambda be: ops.inverse_block_mask(clips, 8, generator=gen, device=mk_dev, backend=be),
             "inverse_block_mask", bytes_fwd=clips * 8 * N))
         mask, _, _ = mk.masks(clips * 8, N, k)
         cases.append(Case(
-            "mask_indices", f"R{clips * 8} N{N} k{k}", [mask], lambda m: ref_masks.mask_indices(m, k),
-            lambda be, m: ops_masks.mask_indices(m), None, bytes_fwd=_b(mask) + clips * 8 * (k + N) * 8))
+            "mask_indices", f"R{clips * 8} N{N} k{k}", [mask], lambda m: ref_mask_indices(m, k),
+            lambda be, m: ops.mask_indices(m), None, bytes_fwd=_b(mask) + clips * 8 * (k + N) * 8))
     return cases
 
 
@@ -320,20 +321,23 @@ def measure(case: Case, path: str, fn, device: str, repeats: int, warmup: int) -
     if fn is None:
         row.note = "not run"
         return row
-    try:
-        def fwd():
-            with torch.no_grad():
-                fn(*case.args)
 
+    def fwd():
+        with torch.no_grad():
+            fn(*case.args)
+
+    try:
         row.fwd_s = timed(fwd)
         row.fwd_mem = peak(fwd)
         if case.grad_args:
             step = _grad_closure(fn, case)
             row.bwd_s = timed(step)
             row.bwd_mem = peak(step)
-    except Exception as exc:  # noqa: BLE001 - every failure is reported in the table, never hidden
-        what = "compile failed" if path.startswith("compile") else "failed"
-        row.note = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+    except Exception as exc:
+        if not path.startswith("compile"):
+            raise  # the reference or an op failing is a bug, not a result
+        # inductor failing on a reference is a result: reported in the row, with its exception type
+        row.note = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
     return row
 
 
@@ -422,8 +426,6 @@ def dry_run(device: str, quick: bool, names: list[str]) -> int:
         avail = _backend.available_backends(c.registry, device) if c.registry else ["single implementation"]
         print(f"| {c.op} | {c.shape} | {len(c.grad_args)} | {c.bytes_fwd / 1e6:.1f} / {c.bytes_bwd / 1e6:.1f} | "
               f"{c.flops_fwd / 1e9:.1f} / {c.flops_bwd / 1e9:.1f} | {','.join(avail)} |")
-    if "masks" in names and MASKS_IMPORT_ERROR:
-        print(f"masks skipped: {MASKS_IMPORT_ERROR}")
     return 0
 
 
@@ -473,8 +475,6 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         notes.append(f"CUDA-event times, L2 flushed before each call of the GB/s ops; roofline = {hbm_peak()[1]} HBM "
                      f"(bytes: inputs read once + outputs written once, see the docstring) or 989 TFLOP/s bf16")
-    if "masks" in names and MASKS_IMPORT_ERROR:
-        notes.append(f"masks skipped: {MASKS_IMPORT_ERROR}")
     title = f"### Every op vs reference and torch.compile(reference), device {args.device}"
     cmd = "python benchmarks/bench_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n\n".join([title, machine + "  \ncommand: `" + cmd.strip() + "`; " + "; ".join(notes), body])

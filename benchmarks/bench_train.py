@@ -12,13 +12,13 @@ backward, gradient clipping (max norm 4) and AdamW (betas 0.9 / 0.95, weight dec
 
 - (a) plain: the upstream pipeline. Per clip ``x / 32768``, ``x - x.mean()``, ``torchaudio.compliance.kaldi.fbank``
   with the ALGORITHM §1 arguments, zero-pad / crop to ``target_length`` frames, ``(x + 4.268) / (2 * 4.569)``; masks
-  from
-  the per-row upstream loop (``sslam_fast.reference.masks``); ``losses(fast=False)``; ``clip_grad_norm_`` and AdamW
-  parameter by parameter (``foreach=False``, as fairseq's own AdamW on the CPU; on CUDA see below); the Python EMA
-  loop (``ema_step(fast=False)``).
+  from the per-row upstream loop (``sslam_fast.reference.inverse_block_mask``); the loss terms the upstream way
+  (``sslam_fast.reference.model.losses``: repeat-interleaved clones, materialised attention, the decoder module by
+  module, ``x[mask]`` gathers); ``clip_grad_norm_`` and AdamW parameter by parameter (``foreach=False``, as fairseq's
+  own AdamW on the CPU; on CUDA see below); the Python EMA loop (``sslam_fast.reference.model.ema_step``).
 - (b) (a) with the loss function under ``torch.compile`` (default inductor).
-- (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``losses(fast=True)``, foreach clipping, torch's
-  fused AdamW (CUDA and CPU), ``ema_step(fast=True)``.
+- (c) fast: ``eat_features`` and ``inverse_block_mask`` (backend auto), ``PretrainingModel.losses`` (sslam_fast.ops),
+  foreach clipping, torch's fused AdamW (CUDA and CPU), ``PretrainingModel.ema_step`` (``ema_update_``).
 - (d) (c) with the loss function under ``torch.compile``.
 
 On CUDA the baseline is what upstream really runs on a GPU, which is not the CPU baseline moved to the device:
@@ -60,8 +60,9 @@ Peak memory is the memory one step needs above what is held between steps (model
   mmap-backed allocation is slower than malloc's reuse.
 
 Loss agreement: on identical weights, inputs, masks and windows with ``mask_noise_std=0``, in fp32 (no autocast, no
-TF32), ``losses(fast=False)`` and ``losses(fast=True)`` are compared term by term (max relative difference). The
-variants' own losses differ slightly by construction: the C++ and the per-row mask generators draw differently.
+TF32), ``sslam_fast.reference.model.losses`` and ``PretrainingModel.losses`` are compared term by term (max relative
+difference). The variants' own losses differ slightly by construction: the C++ and the per-row mask generators draw
+differently.
 
 The last line compares (c) with (a) for the SSLAM stage (EAT if only that ran): ``fast/reference: speedup=clips/s
 ratio memory=peak-memory ratio``. On CUDA each row also gives the share of the bf16 roofline,
@@ -91,9 +92,10 @@ from common import cuda_time_once, machine_line, upstream_fbank_loop, write_sect
 from sslam_fast import _backend  # noqa: E402
 from sslam_fast._checks import value_checks  # noqa: E402
 from sslam_fast.models import ModelConfig, PretrainingModel  # noqa: E402
+from sslam_fast.models.pretraining import mix_windows_tensor  # noqa: E402
 from sslam_fast.ops import eat_features, inverse_block_mask, sample_mix_windows  # noqa: E402
-from sslam_fast.ops.mix import windows_tensor  # noqa: E402
-from sslam_fast.reference import masks as ref_masks  # noqa: E402
+from sslam_fast.reference import inverse_block_mask as ref_masks  # noqa: E402
+from sslam_fast.reference import model as refm  # noqa: E402
 from sslam_fast.train.optim import param_groups  # noqa: E402
 
 FLOP_PER_CLIP = 1.08e12  # base model, stage 1 (PERF.md)
@@ -193,8 +195,8 @@ class Variant:
 
         def loss_fn(source, masks, windows):
             if fast:
-                return model.losses(source, masks, windows, fast=True, num_kept=num_kept)
-            return model.losses(source, masks, windows, fast=False)
+                return model.losses(source, masks, windows, num_kept=num_kept)
+            return refm.losses(model, source, masks, windows)
 
         self.loss_fn = torch.compile(loss_fn) if self.compiled else loss_fn
         self.n = 0  # optimizer steps done
@@ -235,7 +237,11 @@ class Variant:
         s, cfg = self.s, self.s.cfg
         if prepared is None:
             prepared = self.prepare(audio)
-        self.model.ema_step(self.n, fast=self.fast)  # the trainer's order: EMA first, with the updates done
+        # the trainer's order: EMA first, with the updates done
+        if self.fast:
+            self.model.ema_step(self.n)
+        else:
+            refm.ema_step(self.model, self.n)
         self.opt.zero_grad(set_to_none=True)
         if prepared is not None:  # (a) / (b) on CUDA: the workers' batch
             source, masks = prepared
@@ -247,7 +253,7 @@ class Variant:
             masks = ref_masks.inverse_block_mask(s.batch, cfg.clones, **self._mask_kw(self.n, s.device))
         windows = _windows(s)
         if self.fast and windows is not None:
-            windows = windows_tensor(windows, cfg.mix_window_frames, s.target_length, s.device)
+            windows = mix_windows_tensor(windows, s.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.cuda), value_checks(not self.fast):
             out = self.loss_fn(source, masks, windows)
         loss = out["loss"]
@@ -329,7 +335,8 @@ def cpu_peak(args, stage: str, key: str) -> int:
 
 
 def loss_agreement(s: Setup, model0: PretrainingModel, audio: torch.Tensor) -> dict[str, float]:
-    """Max relative difference, per loss term, of losses(fast=True) against losses(fast=False) on identical inputs."""
+    """Max relative difference, per loss term, of ``PretrainingModel.losses`` against the upstream way
+    (``sslam_fast.reference.model.losses``) on identical inputs."""
     model = copy.deepcopy(model0).train()
     source = upstream_fbank_loop(audio, s.target_length)
     cfg = s.cfg
@@ -341,8 +348,8 @@ def loss_agreement(s: Setup, model0: PretrainingModel, audio: torch.Tensor) -> d
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
-            plain = model.losses(source, masks, windows, mask_noise_std=0.0, fast=False)
-            fast = model.losses(source, masks, windows, mask_noise_std=0.0, fast=True)
+            plain = refm.losses(model, source, masks, windows, mask_noise_std=0.0)
+            fast = model.losses(source, masks, windows, mask_noise_std=0.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     rel = {}
@@ -536,7 +543,7 @@ def main(argv=None) -> int:
 
     machine = machine_line()
     print(machine, flush=True)
-    fbank_be = _backend.base_name(_backend.resolve("fbank", "auto", device))
+    fbank_be = _backend.base_name(_backend.resolve("eat_features", "auto", device))
     mask_be = _backend.base_name(_backend.resolve("inverse_block_mask", "auto", device))
     notes = (f"threads {torch.get_num_threads()}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
              f"median of {args.steps} round-robin steps after {args.warmup} warm-up step(s) per variant"
