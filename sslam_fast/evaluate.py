@@ -4,6 +4,9 @@
     python -m sslam_fast.evaluate --checkpoint FINETUNED --manifest TSV --labels CSV [--targets CSV]
         [--batch-size 32] [--device cpu|cuda] [--target-length 1024|auto]
 
+Every clip is padded / cropped to ``--target-length`` frames, 1024 by default as upstream's evaluation does
+(``auto``: each clip's own length rounded up to 16; see ``sslam_fast.extract``).
+
 Accepted formats:
 
 * ``--manifest``: fairseq-style ``.tsv``. Line 1 is the root folder; every further non-empty line is
@@ -33,9 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sslam_fast.extract import MAX_TARGET_LENGTH, Reporter, load_model_or_exit, model_max_frames, resolve_device
+from sslam_fast.extract import (
+    MAX_TARGET_LENGTH,
+    Reporter,
+    add_target_length_arg,
+    check_target_length,
+    load_model_or_exit,
+    resolve_device,
+)
 from sslam_fast.metrics import mean_average_precision
-from sslam_fast.predict import _target_length, predict, read_class_labels
+from sslam_fast.predict import predict, read_class_labels
 
 __all__ = ["evaluate", "main", "read_manifest", "read_targets"]
 
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=None, help="CSV relative_path,mid1;mid2 (else manifest column 3)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--target-length", type=_target_length, default=MAX_TARGET_LENGTH)
+    add_target_length_arg(p)
     p.add_argument("--trust-checkpoint", action="store_true")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
@@ -164,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not hasattr(model, "head"):
         p.error(f"--checkpoint: {args.checkpoint} is a pre-trained encoder; evaluate needs a fine-tuned classifier")
-    if args.target_length is not None and args.target_length > model_max_frames(model):
-        p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
+    check_target_length(p, args.target_length, model)
     C = model.head.out_features
     mids, problem = _class_mids(classes, C, args.labels)
     if problem:

@@ -2,7 +2,7 @@
 SSLAM_Inference/feature_extract/feature_extract.py``.
 
     python -m sslam_fast.extract --checkpoint CKPT --audio PATH --out OUT
-        [--granularity frame|utterance|all] [--batch-size 8] [--device cpu|cuda] [--target-length N]
+        [--granularity frame|utterance|all] [--batch-size 8] [--device cpu|cuda] [--target-length 1024|N|auto]
 
 ``PATH`` is one audio file or a directory (walked recursively for audio extensions, see ``sslam_fast.audio``). Each
 input file gives one float32 ``.npy``: ``OUT/<relative path with .npy suffix>`` for a directory (if two inputs would
@@ -11,16 +11,20 @@ the input is a single file and ``OUT`` ends in ``.npy``, else ``OUT/<stem>.npy``
 
 Per clip: mono = channel average (before resampling, ALGORITHM §11.8); ``eat_features(wave, sample_rate=sr,
 target_length=T)`` (resample to 16 kHz, mean removal, Kaldi fbank, pad/crop, AudioSet normalisation); the model's
-``extract_features`` = block-12 output of the student (ALGORITHM §8). ``frame`` = (N, D) patch tokens, token n = 8 t +
-f;
-``utterance`` = (D,) CLS; ``all`` = (1 + N, D), CLS first.
+``extract_features`` = block-12 output of the student (ALGORITHM §8). ``frame`` = (N, D) patch tokens, token
+n = 8 t + f; ``utterance`` = (D,) CLS; ``all`` = (1 + N, D), CLS first.
 
-Target length: ``--target-length`` for every clip, or by default each clip's own frame count rounded UP to a multiple
-of 16 and capped at 1024 (and at the model's positional table). Batching never changes a clip's result: only clips
-with the same sample rate and the same T share a batch (no cross-clip padding), each row is resampled and
-mean-normalised over its own samples, and rows do not interact in the model, so a directory run equals running each
-file alone. Unreadable, empty, too-short (< one 25 ms frame) and non-audio files are reported on stderr, one line
-each, plus a count at the end, and skipped; the exit code is 0 when at least one file worked, 1 otherwise.
+Target length (ALGORITHM §1.5, §8): by default every clip is padded (zero log-mel rows at the end, before the
+normalisation) or cropped (its first frames kept) to ``--target-length 1024`` frames, as ``[E]
+feature_extract/feature_extract.py`` and ``[S] SSLAM_Inference/feature_extract/feature_extract.py : main`` do with the
+``--target_length=1024`` of their scripts (the pre-training length): a 10 s clip gives (513, 768) with ``all``, the
+upstream features. ``--target-length auto`` uses each clip's own frame count rounded UP to a multiple of 16 instead
+(capped at 1024 and at the model's positional table): fewer tokens and less compute, but other features than
+upstream's. Batching never changes a clip's result: only clips with the same sample rate and the same T share a batch
+(no cross-clip padding), each row is resampled and mean-normalised over its own samples, and rows do not interact in
+the model, so a directory run equals running each file alone. Unreadable, empty, too-short (< one 25 ms frame) and
+non-audio files are reported on stderr, one line each, plus a count at the end, and skipped; the exit code is 0 when
+at least one file worked, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +40,16 @@ import torch
 
 from sslam_fast.audio import AudioError, clip_frames, default_target_length, list_audio, load_audio
 
-__all__ = ["Reporter", "extract_features", "iter_batches", "load_model", "main", "output_paths"]
+__all__ = [
+    "Reporter",
+    "add_target_length_arg",
+    "extract_features",
+    "iter_batches",
+    "load_model",
+    "main",
+    "output_paths",
+    "parse_target_length",
+]
 
 GRANULARITIES = ("frame", "utterance", "all")
 MAX_TARGET_LENGTH = 1024
@@ -165,9 +178,11 @@ def output_paths(audio: Path, files: list[Path], out: Path) -> dict[Path, Path]:
 
 
 @torch.inference_mode()
-def extract_features(model, files, *, granularity="frame", batch_size=8, device=None, target_length=None,
-                     on_error=None) -> Iterator[tuple[Path, np.ndarray]]:
-    """Yield ``(path, features)`` (float32 numpy, see ``select``) for each readable file, in batches."""
+def extract_features(model, files, *, granularity="frame", batch_size=8, device=None,
+                     target_length: int | None = MAX_TARGET_LENGTH, on_error=None) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield ``(path, features)`` (float32 numpy, see ``select``) for each readable file, in batches. Every clip is
+    padded / cropped to ``target_length`` frames (upstream's 1024 by default); None: each clip's own length rounded up
+    to 16 (capped at 1024)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cap = min(MAX_TARGET_LENGTH, model_max_frames(model))
     on_error = on_error or Reporter()
@@ -184,12 +199,42 @@ def _positive(s: str) -> int:
     return v
 
 
+def parse_target_length(s: str) -> int | None:
+    """``--target-length``: ``"auto"`` -> None (each clip's own length), else a positive multiple of 16."""
+    if s.strip().lower() == "auto":
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v <= 0 or v % 16:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive multiple of 16, got {s}")
+    return v
+
+
+def add_target_length_arg(p: argparse.ArgumentParser) -> None:
+    """``--target-length`` (also spelled ``--target_length``, upstream's name), shared by extract, predict, evaluate."""
+    p.add_argument("--target-length", "--target_length", dest="target_length", type=parse_target_length,
+                   default=MAX_TARGET_LENGTH, metavar="1024|N|auto",
+                   help=f"frames every clip is padded / cropped to (a multiple of 16); default {MAX_TARGET_LENGTH}, "
+                        "as upstream's feature_extract.py / inference.py with --target_length=1024 (matches "
+                        "upstream); 'auto': each clip's own length rounded up to 16, capped at 1024 (does not match "
+                        "upstream for clips shorter than 10.24 s)")
+
+
+def check_target_length(p: argparse.ArgumentParser, target_length: int | None, model) -> None:
+    """Refuse a ``--target-length`` beyond the model's positional table (after the model is loaded)."""
+    if target_length is not None and target_length > model_max_frames(model):
+        p.error(f"--target-length {target_length} exceeds the model's {model_max_frames(model)} frames")
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="fairseq / HF checkpoint (see sslam_fast.load_pretrained)")
     p.add_argument("--audio", required=True, help="an audio file or a directory (walked recursively)")
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
+    add_target_length_arg(p)
 
 
 def resolve_device(p: argparse.ArgumentParser, name: str) -> torch.device:
@@ -220,11 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p)
     p.add_argument("--out", required=True, help="output folder (or a .npy path for a single input file)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="frame")
-    p.add_argument("--target-length", type=_positive, default=None,
-                   help="frames (multiple of 16) for every clip; default: each clip's own, rounded up, <= 1024")
     args = p.parse_args(argv)
-    if args.target_length is not None and args.target_length % 16:
-        p.error(f"--target-length must be a multiple of 16, got {args.target_length}")
     device = resolve_device(p, args.device)
     report = Reporter()
     root, files = collect_files(p, args.audio, report)
@@ -238,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model_or_exit(args.checkpoint, device, args.trust_checkpoint)
     if model is None:
         return 2
-    if args.target_length is not None and args.target_length > model_max_frames(model):
-        p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
+    check_target_length(p, args.target_length, model)
     dest = output_paths(root, files, out)
     done = 0
     for path, feat in extract_features(model, files, granularity=args.granularity, batch_size=args.batch_size,

@@ -10,9 +10,8 @@ Scores = ``sigmoid(logits)`` of ``AudioClassifier`` (CLS -> fc_norm -> head). Fo
 else the class index. With a directory, each file's block starts with a line ``# <path>``.
 
 The input is padded / cropped to 1024 frames by default, as upstream inference and the fine-tuning data pipeline do
-(ALGORITHM §1.5); ``--target-length auto`` uses each clip's own length rounded up to 16 (capped at 1024) instead. Bad
-files
-are reported on stderr and skipped (see ``sslam_fast.extract``); exit code 0 when at least one file worked.
+(ALGORITHM §1.5); ``--target-length auto`` uses each clip's own length rounded up to 16 (capped at 1024) instead (see
+``sslam_fast.extract``). Bad files are reported on stderr and skipped; exit code 0 when at least one file worked.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from sslam_fast.extract import (
     MAX_TARGET_LENGTH,
     Reporter,
     add_common_args,
+    check_target_length,
     collect_files,
     iter_batches,
     load_model_or_exit,
@@ -77,22 +77,11 @@ def predict(model, files, *, batch_size=8, device=None, target_length=MAX_TARGET
         yield from zip(paths, scores)
 
 
-def _target_length(s: str):
-    if s == "auto":
-        return None
-    v = int(s)
-    if v <= 0 or v % 16:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive multiple of 16, got {s}")
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sslam_fast.predict", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--labels", default=None, help="AudioSet class_labels_indices.csv (index,mid,display_name)")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--target-length", type=_target_length, default=MAX_TARGET_LENGTH,
-                   help="frames (multiple of 16) or 'auto' (each clip's own, rounded up); default 1024")
     args = p.parse_args(argv)
     if args.top_k <= 0:
         p.error(f"--top-k must be positive, got {args.top_k}")
@@ -110,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not hasattr(model, "head"):
         p.error(f"--checkpoint: {args.checkpoint} is a pre-trained encoder; predict needs a fine-tuned classifier")
-    if args.target_length is not None and args.target_length > model_max_frames(model):
-        p.error(f"--target-length {args.target_length} exceeds the model's {model_max_frames(model)} frames")
+    check_target_length(p, args.target_length, model)
     num_classes = model.head.out_features
     if names is not None and len(names) != num_classes:
         print(f"warning: {args.labels} has {len(names)} classes, the model {num_classes}", file=sys.stderr)

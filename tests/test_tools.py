@@ -136,7 +136,7 @@ def test_extract_single_file_utterance(data, ckpts, tmp_path):
                        "--granularity", "utterance"])
     assert rc == 0
     got = np.load(out)
-    want = _direct(ckpts["encoder"], data / "c.flac", 304)[0]
+    want = _direct(ckpts["encoder"], data / "c.flac", 1024)[0]  # padded to upstream's 1024 frames by default
     assert got.shape == (64,) and got.dtype == np.float32
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -152,12 +152,67 @@ def test_extract_directory_reports_bad_files(data, ckpts, tmp_path, capsys):
     assert "3 file(s) skipped, 4 processed" in err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
     assert written == sorted(n.rsplit(".", 1)[0] + ".npy" for n in CLIPS)
+    for name in CLIPS:
+        got = np.load(out / (name.rsplit(".", 1)[0] + ".npy"))
+        assert got.shape == (1 + 64 * 8, 64)  # every clip padded to 1024 frames
+        # batched with its same-rate neighbour == the file alone
+        np.testing.assert_allclose(got, _direct(ckpts["encoder"], data / name, 1024).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_auto_keeps_each_clips_length(data, ckpts, tmp_path):
+    out = tmp_path / "feats"
+    rc = extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(data), "--out", str(out),
+                       "--granularity", "all", "--batch-size", "2", "--target-length", "auto"])
+    assert rc == 0
     for name, (sr, sec, _) in CLIPS.items():
         T = default_target_length(sr * sec, sr)
+        assert T < 1024
         got = np.load(out / (name.rsplit(".", 1)[0] + ".npy"))
         assert got.shape == (1 + T // 16 * 8, 64)
         # batched with its equal-T neighbour == the file alone
         np.testing.assert_allclose(got, _direct(ckpts["encoder"], data / name, T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_ten_seconds_gives_upstreams_513_tokens(ckpts, tmp_path):
+    sf.write(tmp_path / "ten.wav", _tone(160000, 16000, 440.0, 1, 5), 16000, subtype="FLOAT")
+    shapes = {}
+    for mode in ("default", "1024", "auto"):
+        o = tmp_path / f"{mode}.npy"
+        extra = [] if mode == "default" else ["--target_length", mode]  # upstream's spelling of the option
+        assert extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(tmp_path / "ten.wav"), "--out", str(o),
+                             "--granularity", "all"] + extra) == 0
+        shapes[mode] = np.load(o).shape
+    # 998 frames padded to 1024: 1 + 64 * 8 tokens, the (513, 768) of the base model; auto: 1008 frames, 63 patches
+    assert shapes == {"default": (513, 64), "1024": (513, 64), "auto": (1 + 63 * 8, 64)}
+    np.testing.assert_allclose(np.load(tmp_path / "default.npy"),
+                               _direct(ckpts["encoder"], tmp_path / "ten.wav", 1024).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_crops_long_clips_as_upstream(ckpts, tmp_path):
+    from sslam_fast.demo import upstream_features
+
+    wave = _tone(12 * 32000, 32000, 330.0, 1, 6)[:, 0]  # 12 s at 32 kHz: 1198 frames at 16 kHz, more than 1024
+    sf.write(tmp_path / "long.wav", wave, 32000, subtype="FLOAT")
+    o = tmp_path / "long.npy"
+    assert extract.main(["--checkpoint", str(ckpts["pre"]), "--audio", str(tmp_path / "long.wav"), "--out", str(o),
+                         "--granularity", "all"]) == 0
+    got = np.load(o)
+    # upstream: resample, mean removal and fbank of the whole clip, then its first 1024 frames (no random crop)
+    x = upstream_features(torch.from_numpy(wave)[None], 32000, 1024)
+    with torch.no_grad():
+        want = ckpts["encoder"].extract_features(x)[0]
+    assert got.shape == (513, 64)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and not the features of the whole clip's 1200 frames
+        whole = ckpts["encoder"].extract_features(upstream_features(torch.from_numpy(wave)[None], 32000, 1200))[0]
+    assert not np.allclose(got, whole[:513].numpy(), atol=1e-3)
+
+
+def test_target_length_help_names_upstreams_choice(capsys):
+    with pytest.raises(SystemExit):
+        extract.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 1024" in text and "(matches upstream)" in text and "'auto'" in text
 
 
 def test_extract_frame_fixed_length_and_classifier_checkpoint(data, ckpts, tmp_path):
@@ -195,6 +250,8 @@ def test_extract_nothing_readable_fails(data, ckpts, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--target-length", "100"], "multiple of 16"),
+    (["--target_length", "0"], "multiple of 16"),
+    (["--target-length", "long"], "'auto' or a positive multiple of 16"),
     (["--granularity", "tokens"], "invalid choice"),
     (["--batch-size", "0"], "positive"),
 ])
@@ -234,7 +291,7 @@ def test_predict_single_file_top_k_with_labels(data, ckpts, capsys):
 
 def test_predict_directory_without_labels(data, ckpts, capsys):
     rc = predict.main(["--checkpoint", str(ckpts["ft"]), "--audio", str(data / "sub"), "--top-k", "100",
-                       "--target-length", "auto"])
+                       "--target_length", "auto"])
     captured = capsys.readouterr()
     assert rc == 0 and "skipped" in captured.err and "notes.txt" in captured.err
     blocks = captured.out.strip().split("# ")[1:]
@@ -426,5 +483,5 @@ def test_extract_cuda_matches_cpu_base_model(tmp_path):
         assert extract.main(["--checkpoint", str(ck), "--audio", str(tmp_path / "ten.wav"), "--out", str(o),
                              "--granularity", "all", "--device", dev]) == 0
         outs[dev] = np.load(o)
-    assert outs["cpu"].shape == (1 + 1008 // 16 * 8, 768)
+    assert outs["cpu"].shape == (513, 768)  # 10 s padded to upstream's 1024 frames
     np.testing.assert_allclose(outs["cuda"], outs["cpu"], rtol=0, atol=2e-3)
