@@ -63,8 +63,23 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, list[tuple[str, int]]]
     return root, entries
 
 
+def _source_files(source: Path) -> list[Path]:
+    """The audio files a manifest, a folder or one audio file names (:class:`DataError` when none)."""
+    if source.is_dir() or (source.is_file() and source.suffix.lower() in AUDIO_EXTENSIONS):
+        files = list_audio(source)
+        if not files:
+            raise DataError(f"source {source}: the folder holds no audio files")
+        return files
+    if source.is_file():
+        root, entries = read_manifest(source)
+        return [root / rel for rel, _ in entries]
+    raise DataError(f"source {source}: no such manifest or folder")
+
+
 class AudioClipDataset(torch.utils.data.Dataset):
-    """Fixed-length clips from a manifest (``.tsv``), a folder of audio files (``list_audio``) or one audio file.
+    """Fixed-length clips from a manifest (``.tsv``), a folder of audio files (``list_audio``) or one audio file, or
+    from ``files=`` (a list of paths, in that order, e.g. ``sslam_fast.finetune.data.LabelledData.files``) instead of
+    ``source``.
 
     ``ds[i]`` -> ``{"audio": (clip_samples,) int16 (x32768, clamped) or float32, "length": valid samples, "index": i}``
     or ``None`` for a bad file (cannot be decoded, no samples, or fewer than 400 samples after resampling), recorded
@@ -77,22 +92,23 @@ class AudioClipDataset(torch.utils.data.Dataset):
     the DataLoader iterator of that epoch is created (non-persistent workers copy the dataset at that point).
     """
 
-    def __init__(self, source: str | os.PathLike, clip_samples: int, *, sample_rate: int = 16000,
-                 random_crop: bool = True, seed: int = 0, as_int16: bool = True):
+    def __init__(self, source: str | os.PathLike | None = None, clip_samples: int | None = None, *,
+                 sample_rate: int = 16000, random_crop: bool = True, seed: int = 0, as_int16: bool = True,
+                 files: list[str | os.PathLike] | None = None):
         if not isinstance(clip_samples, int) or clip_samples < MIN_SAMPLES:
             raise ValueError(f"clip_samples must be an int >= {MIN_SAMPLES}, got {clip_samples!r}")
         if not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-        source = Path(source)
-        if source.is_dir() or (source.is_file() and source.suffix.lower() in AUDIO_EXTENSIONS):
-            self.files = list_audio(source)
+        if (source is None) == (files is None):
+            raise ValueError("give exactly one of source (a manifest, folder or file) and files (a list of paths)")
+        if files is not None:
+            if isinstance(files, (str, os.PathLike)):
+                raise ValueError(f"files must be a list of paths, got the single path {files!r}")
+            self.files = [Path(f) for f in files]
             if not self.files:
-                raise DataError(f"source {source}: the folder holds no audio files")
-        elif source.is_file():
-            root, entries = read_manifest(source)
-            self.files = [root / rel for rel, _ in entries]
+                raise DataError("files= is empty: no audio files to read")
         else:
-            raise DataError(f"source {source}: no such manifest or folder")
+            self.files = _source_files(Path(source))
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
         self.random_crop = random_crop

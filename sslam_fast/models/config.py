@@ -37,6 +37,7 @@ class ModelConfig:
     cls_loss_weight: float = 1.0
     stage: str = "eat"  # "eat" (stage 1) | "sslam" (stage 2)
     mix_window_frames: int = 240
+    drop_path_rate: float = 0.0  # stochastic depth of the last block; linear from 0 over the blocks (fine-tuning)
 
     def __post_init__(self) -> None:
         self.grid = tuple(int(g) for g in self.grid)
@@ -54,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"average_top_k_layers must lie in [1, {self.depth}], got {self.average_top_k_layers}")
         if self.grid[0] > self.max_time_patches:
             raise ValueError(f"grid time patches ({self.grid[0]}) exceed max_time_patches ({self.max_time_patches})")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate!r}")
         if self.mix_window_frames % self.patch_size:
             raise ValueError(f"mix_window_frames must be a multiple of patch_size, got {self.mix_window_frames}")
 

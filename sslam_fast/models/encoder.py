@@ -6,6 +6,10 @@ LayerNorm only) and ``models/modules.py : AltBlock / AltAttention`` (``layer_nor
 Parameter names follow the naming contract (``patch_embed``, ``pos_embed``, ``cls_token``, ``input_norm``,
 ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``).
 
+Stochastic depth (``ModelConfig.drop_path_rate``, fine-tuning only) follows ``AltBlock``'s ``drop_path`` on the
+attention and the FFN branch with timm's ``DropPath``, the rates ``linspace(0, rate, depth)`` over the blocks as
+``[E] models/EAT_audio_classification.py : MaeImageClassificationModel.__init__`` sets them.
+
 Attention runs through ``sslam_fast.ops.attention`` (backend auto: SDPA / flash / Triton) and the MLP through
 ``sslam_fast.ops.gelu_mlp`` (GELU recomputed in the backward, not stored). ``sslam_fast.reference.model`` runs the same
 parameters the upstream way (materialised ``softmax_fp32(q k^T) v``, plain ``fc2(gelu(fc1(x)))``): the oracle of the
@@ -22,7 +26,7 @@ from sslam_fast._checks import check_tensor
 from sslam_fast.models.config import ModelConfig
 from sslam_fast.ops import attention, gelu_mlp
 
-__all__ = ["EATEncoder", "Block", "sincos_pos_table"]
+__all__ = ["EATEncoder", "Block", "DropPath", "drop_path_rates", "sincos_pos_table"]
 
 
 def sincos_pos_table(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
@@ -81,22 +85,53 @@ class Mlp(nn.Module):
         return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
-class Block(nn.Module):
-    """Post-LN ``AltBlock``: ``a = x + attn(x); r = LN1(a); f = mlp(r); out = LN2(r + f)``; returns (out, f)."""
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The stochastic-depth rate of each block: ``linspace(0, rate, depth)`` in float64, as upstream's
+    ``np.linspace(0, cfg.drop_path_rate, model_blocks)`` (``[E] models/EAT_audio_classification.py``)."""
+    return np.linspace(0.0, float(rate), depth).tolist() if depth > 0 else []
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+
+class DropPath(nn.Module):
+    """timm's ``DropPath`` (``scale_by_keep=True``): in training, each sample's branch output is kept with probability
+    ``1 - p`` and then divided by ``1 - p``, else zeroed; the identity in eval mode and at ``p = 0``. The keep mask is
+    drawn on the tensor's device from its default generator (no host sync)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must lie in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+class Block(nn.Module):
+    """Post-LN ``AltBlock``: ``a = x + dp(attn(x)); r = LN1(a); f = mlp(r); out = LN2(r + dp(f))``; returns (out, f).
+
+    ``dp`` is :class:`DropPath` with ``drop_path`` (two independent draws, one per branch), ``nn.Identity`` at 0."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(x)
+        x = x + self.drop_path(self.attn(x))
         r = x = self.norm1(x)
         x = self.mlp(x)
         t = x  # ffn_targets=True: the layer target is the FFN output before the residual and LN2
-        x = self.norm2(r + x)
+        x = self.norm2(r + self.drop_path(x))
         return x, t
 
 
@@ -115,7 +150,8 @@ class EATEncoder(nn.Module):
             self.pos_embed.copy_(sincos_pos_table(D, cfg.max_time_patches, W).unsqueeze(0))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.input_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, drop_path=r)
+                                    for r in drop_path_rates(cfg.drop_path_rate, cfg.depth))
         self.reset_parameters()
 
     @torch.no_grad()
