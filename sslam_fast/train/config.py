@@ -231,9 +231,9 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _field_types() -> dict[str, typing.Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+def _field_types(cls: type = TrainConfig) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _convert(name: str, tp: typing.Any, value: typing.Any, from_text: bool, where: str) -> typing.Any:
@@ -306,8 +306,10 @@ def _type_name(tp: typing.Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _apply(cfg: TrainConfig, updates: dict, where: str, from_text: bool) -> set[str]:
-    types = _field_types()
+def _apply(cfg, updates: dict, where: str, from_text: bool) -> set[str]:
+    """Set the fields named in ``updates`` on the config dataclass ``cfg`` (any of them: ``TrainConfig``, the
+    fine-tuning config) after converting each value to its field type; returns the keys set."""
+    types = _field_types(type(cfg))
     for key, value in updates.items():
         if not isinstance(key, str) or key not in types:
             raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(sorted(types))})")
@@ -341,6 +343,22 @@ def load_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     their order on the command line. ``--key value`` is accepted too. If only one of ``target_length`` / ``grid`` is
     set by the file or the CLI, the other follows it (grid[0] = target_length / 16). Raises ConfigError.
     """
+    cfg, touched = parse_config_argv(argv, PRESETS, "eat-as2m")
+    if "target_length" in touched and "grid" not in touched and cfg.target_length % PATCH_SIZE == 0:
+        cfg.grid = (cfg.target_length // PATCH_SIZE, cfg.grid[1])
+    elif "grid" in touched and "target_length" not in touched:
+        cfg.target_length = cfg.grid[0] * PATCH_SIZE
+    return cfg.validate()
+
+
+def parse_config_argv(argv: typing.Sequence[str] | None, presets: dict, default_preset: str) -> tuple[typing.Any, set]:
+    """The command-line layering shared by ``train.py`` and ``finetune.py``: returns (config, keys set by the file or
+    the CLI), not yet validated.
+
+    ``argv`` (default ``sys.argv[1:]``) holds ``--preset=NAME`` (a key of ``presets``, default ``default_preset``),
+    ``--config FILE`` (YAML) and ``--key=value`` / ``--key value`` overrides; dashes in keys read as underscores. The
+    preset is applied first, then the file, then the overrides, whatever their order. Raises ConfigError.
+    """
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -367,16 +385,12 @@ def load_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
             raise ConfigError(f"--{key} given twice")
         else:
             overrides[key] = value
-    name = preset if preset is not None else "eat-as2m"
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-    cfg = dataclasses.replace(PRESETS[name])
+    name = preset if preset is not None else default_preset
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(presets)})")
+    cfg = dataclasses.replace(presets[name])
     touched = set()
     if config_file is not None:
         touched |= _apply(cfg, _load_yaml(config_file), f"--config {config_file}", from_text=False)
     touched |= _apply(cfg, overrides, "command line", from_text=True)
-    if "target_length" in touched and "grid" not in touched and cfg.target_length % PATCH_SIZE == 0:
-        cfg.grid = (cfg.target_length // PATCH_SIZE, cfg.grid[1])
-    elif "grid" in touched and "target_length" not in touched:
-        cfg.target_length = cfg.grid[0] * PATCH_SIZE
-    return cfg.validate()
+    return cfg, touched
