@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -26,25 +25,23 @@ from sslam_fast.train import distributed
 from sslam_fast.train.config import TrainConfig
 from sslam_fast.train.distributed import DistEnv
 from sslam_fast.train.optim import build_optimizer, build_scheduler
+from sslam_fast.train.runtime import (
+    BAD_EXAMPLES,
+    Batches,
+    NoReadableFile,
+    Progress,
+    TrainingError,
+    check_run_dir,
+    gather,
+    on_main,
+    open_run_dir,
+    record_bad_files,
+    remove_if_empty,
+)
 from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
 from sslam_fast.train.stats import TERMS, StepStats
 
 __all__ = ["TrainingError", "default_data_root", "train"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many non-finite losses in a row, a missing checkpoint for ``resume=True``)."""
-
-
-def _reported_elsewhere(e: Exception) -> Exception:
-    """Mark ``e`` as not this process's to print (``train.py`` prints an error on the process that hit it, or on rank 0
-    for one that every rank hit alike): with torchrun, one process says what went wrong, not every rank."""
-    e.print_here = False
-    return e
-
-
-class _NoReadableFile(TrainingError):
-    """A rank's loader gave only unreadable files for ``20 * batch_size`` items in a row."""
 
 
 def default_data_root(run_dir: str | os.PathLike) -> Path:
@@ -59,80 +56,13 @@ def _step_rng(seed: int, step: int, rank: int, micro: int) -> random.Random:
     return random.Random(((seed * 1_000_003 + step) * 1009 + rank) * 31 + micro)
 
 
-class _Progress:
-    """tqdm when installed (the numbers refresh on log steps, the only steps that read them), else a line every
-    ``log_every`` steps."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.enabled, self.bar = enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, step: int, rec: dict | None) -> None:
-        if not self.enabled:
-            return
-        post = None
-        if rec is not None:
-            loss = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
-            post = {"loss": loss, "lr": f"{rec['lr']:.2e}", "clips/s": f"{rec['clips_per_s']:.1f}"}
-        if self.bar is not None:
-            self.bar.update(1)
-            if post:
-                self.bar.set_postfix(post, refresh=False)
-        elif post:
-            print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in post.items()), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _on_main(env: DistEnv, fn):
-    """``fn()`` on rank 0 alone, after which every rank learns whether it raised, so that no rank is left waiting in
-    a collective that a failed rank 0 never reaches. Rank 0 raises its own error (the one printed), the other ranks
-    a quiet one."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:  # anything, a bug included: the other ranks must not hang on it
-            error = e
-    failed = error is not None
-    if env.world > 1:
-        failed = env.all_reduce_(torch.tensor([float(failed)], dtype=torch.float64)).tolist()[0] > 0
-    if error is not None:
-        raise error
-    if failed:
-        raise _reported_elsewhere(TrainingError("rank 0 failed to start the run"))
-    return result
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """A ``ConfigError`` when ``run_dir`` cannot be created or written in, found without creating it (a run that fails
-    a start-up check leaves no empty folder behind)."""
-    from sslam_fast.train.config import ConfigError
-
-    path = run_dir.absolute()
-    existing = next(a for a in (path, *path.parents) if a.exists())  # "/" exists
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise ConfigError(f"run_dir {run_dir} {where}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run_dir {run_dir} cannot be written: {existing} is read-only or not writable by this user")
-
-
 def _prepare(cfg: TrainConfig, env: DistEnv) -> None:
     """Rank 0's start-up work before any rank reads its results: check ``run_dir`` and generate the built-in default
     set (cached) when no data is given."""
     from sslam_fast.data import DataError, make_default_dataset
 
     def work():
-        _check_run_dir(Path(cfg.run_dir))
+        check_run_dir(Path(cfg.run_dir))
         if cfg.data == "":
             root = default_data_root(cfg.run_dir)
             try:
@@ -140,7 +70,7 @@ def _prepare(cfg: TrainConfig, env: DistEnv) -> None:
             except OSError as e:
                 raise DataError(f"cannot write the built-in data set to {root}: {e.strerror or e}") from None
 
-    _on_main(env, work)
+    on_main(env, work)
 
 
 def _build_data(cfg: TrainConfig, env: DistEnv):
@@ -160,79 +90,6 @@ def _build_data(cfg: TrainConfig, env: DistEnv):
                         f"add data")
     return dataset, default_set
 
-
-def _open_run_dir(run_dir: Path, step: int) -> bool:
-    """Create ``run_dir`` (True when this call created it), check that a file can be written in it, and trim its
-    ``metrics.jsonl`` to the steps the checkpoint resumed from covers (:func:`_trim_metrics`)."""
-    from sslam_fast.train.config import ConfigError
-
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-        _trim_metrics(run_dir / "metrics.jsonl", step)
-    except OSError as e:
-        raise ConfigError(f"run_dir {run_dir}: cannot write there ({e.strerror or e})") from None
-    return created
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps ``<= step`` in ``metrics.jsonl``, atomically (written aside, then renamed).
-
-    A run resumes from the checkpoint of update ``step``: the lines a killed run logged after it are logged again as
-    the resumed run redoes those updates, the summary lines of earlier invocations describe a run that goes on, and a
-    kill can leave half a line. Dropping them makes the file of a resumed run read as one run."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    keep = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # half a line, cut by a kill
-            continue
-        if isinstance(rec, dict) and not rec.get("summary") and isinstance(rec.get("step"), int) \
-                and rec["step"] <= step:
-            keep.append(line)
-    if len(keep) == len(lines):
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-_BAD_EXAMPLES = 3  # unreadable files named in the final "done:" line (bad_files.txt lists them all)
-
-
-def _gather(env: DistEnv, obj) -> list:
-    """``obj`` of every rank, in rank order (a collective: every rank calls it at the same point)."""
-    if env.world == 1:
-        return [obj]
-    out = [None] * env.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _record_bad_files(path: Path, names: list[str]) -> list[str]:
-    """Add ``names`` to ``bad_files.txt`` (one path a line, each once, kept over resumes); returns all it lists."""
-    try:
-        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        merged = list(dict.fromkeys([*old, *names]))
-        if len(merged) != len(old):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(n + "\n" for n in merged), encoding="utf-8")
-            os.replace(tmp, path)
-        return merged
-    except OSError as e:  # the list is a report: not worth failing the run over
-        print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
-        return list(dict.fromkeys(names))
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """Remove ``run_dir`` when it holds nothing (a run that stopped before writing anything)."""
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only an empty folder is removed
 
 
 def _unwrap(m):
@@ -400,41 +257,6 @@ def _check_tensorboard(cfg: TrainConfig) -> None:
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
 
 
-class _Batches:
-    """The loader's batches in the sampler's order, from a saved position on; a batch of only unreadable files is
-    skipped (and its files counted as bad), like any unreadable file."""
-
-    def __init__(self, cfg: TrainConfig, dataset, loader, sampler, epoch: int, done: int):
-        self.cfg, self.dataset, self.loader, self.sampler = cfg, dataset, loader, sampler
-        self.epoch, self.done = epoch, done
-        self._it = self._iterate()
-
-    def _iterate(self):
-        while True:
-            self.sampler.load_state_dict({"epoch": self.epoch, "batches_done": self.done})
-            self.dataset.set_epoch(self.epoch)
-            self.loader.generator.manual_seed(self.cfg.seed * 7919 + self.epoch)  # worker seeds: the epoch only
-            expected = self.sampler.batches(self.epoch)
-            for batch in self.loader:
-                idx = expected[self.done]
-                self.done += 1
-                yield batch, idx
-            self.epoch, self.done = self.epoch + 1, 0
-
-    def next(self, bad: list[str]) -> tuple[dict, int]:
-        """The next batch with a readable file and its count of readable files; unreadable ones go to ``bad``."""
-        n_good, skipped = 0, 0
-        while True:
-            batch, idx = next(self._it)
-            got = set(batch["indices"].tolist())  # a CPU tensor of the collated batch: no device involved
-            bad += [str(self.dataset.path(i)) for i in idx if i not in got]
-            n_good += len(got)
-            if got:
-                return batch, n_good
-            skipped += len(idx)
-            if skipped >= 20 * self.cfg.batch_size:
-                raise _NoReadableFile(f"no readable file in {skipped} items in a row: {', '.join(bad[-5:])}")
-
 
 class _Stepper:
     """One update: EMA, the micro-steps' forward and backward, the gradient norm and AdamW, with nothing read back
@@ -475,7 +297,7 @@ class _Stepper:
             windows = mix_windows_tensor(s, device)
         return source, masks, windows
 
-    def fetch(self, batches: _Batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
+    def fetch(self, batches: Batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
         """The micro-batches of the next update, before it starts: ``(batches, readable files, None)``, or ``(None,
         readable files, message)`` when the loader gave no readable file for too long. Unreadable files go to ``bad``.
 
@@ -485,7 +307,7 @@ class _Stepper:
         for _ in range(self.cfg.grad_accum):
             try:
                 batch, got = batches.next(bad)
-            except _NoReadableFile as e:
+            except NoReadableFile as e:
                 return None, n_good, str(e)
             out.append(batch)
             n_good += got
@@ -609,12 +431,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.cuda else None,
                                                         find_unused_parameters=False)
     stepper = _Stepper(cfg, env, model, ddp, optimizer, scheduler)
-    batches = _Batches(cfg, dataset, loader, sampler, epoch, done)
+    batches = Batches(cfg, dataset, loader, sampler, epoch, done)
     monitor = BadFileMonitor(cfg.max_bad_file_share)
     monitor.n_ok, monitor.n_bad = counters["good_files"], counters["bad_files"]  # a resumed run keeps its counts
-    created = _on_main(env, lambda: _open_run_dir(run_dir, step))  # every start-up check passed: now the folder
+    created = on_main(env, lambda: open_run_dir(run_dir, step))  # every start-up check passed: now the folder
     board = _TensorBoard(cfg, env.is_main and cfg.tensorboard)
-    progress = _Progress(cfg.max_updates, step, env.is_main)
+    progress = Progress(cfg.max_updates, step, env.is_main)
     stats = StepStats(env)
     t_run, first_step = time.perf_counter(), step
     position = (batches.epoch, batches.done)  # the data position after the updates done (what a checkpoint saves)
@@ -676,7 +498,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             log(stats.summary(step))
     except BaseException:
         if env.is_main and created:
-            _remove_if_empty(run_dir)
+            remove_if_empty(run_dir)
         raise
     finally:
         progress.close()
@@ -687,10 +509,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     saved = failure is None or step > first_step
     if saved:
         _save(run_dir, cfg, model, optimizer, scheduler, step, position, counters, env)
-    gathered = _gather(env, (list(bad_seen), no_data))  # unreadable files and data errors of every rank
+    gathered = gather(env, (list(bad_seen), no_data))  # unreadable files and data errors of every rank
     bad_names = list(dict.fromkeys(name for names, _ in gathered for name in names))
     if env.is_main and bad_names:
-        bad_names = _record_bad_files(run_dir / "bad_files.txt", bad_names)
+        bad_names = record_bad_files(run_dir / "bad_files.txt", bad_names)
     if failure is not None:
         from sslam_fast.data import DataError
 
@@ -702,7 +524,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         else:
             err = DataError(str(monitor.error(bad_names)) + note)
         if env.is_main and created:
-            _remove_if_empty(run_dir)
+            remove_if_empty(run_dir)
         raise err
     elapsed = time.perf_counter() - t_run
     last_loss = float(stepper.last_terms[3]) if stepper.last_terms is not None else float("nan")
@@ -717,7 +539,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 if stopped_early else f"{step} steps,")
         bad_note = ""
         if counters["bad_files"] and bad_names:
-            shown = ", ".join(bad_names[:_BAD_EXAMPLES]) + (", ..." if len(bad_names) > _BAD_EXAMPLES else "")
+            shown = ", ".join(bad_names[:BAD_EXAMPLES]) + (", ..." if len(bad_names) > BAD_EXAMPLES else "")
             bad_note = f" ({shown}; all in {run_dir / 'bad_files.txt'})"
         print(f"done: {head} {summary['clips_per_s']:.1f} clips/s per device, final loss {last_loss:.4f}, "
               f"{counters['bad_files']} bad files{bad_note}, {counters['skipped_steps']} skipped steps", flush=True)

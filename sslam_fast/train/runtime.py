@@ -1,0 +1,270 @@
+"""The run scaffolding shared by the pre-trainer (``train.py``) and the fine-tuner (``finetune.py``): rank-0 start-up
+work that every rank hears the outcome of, the run folder and its ``metrics.jsonl``, the progress line, unreadable
+files gathered over the ranks, and the loader's batches from a saved position on."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sslam_fast.train.distributed import DistEnv
+
+__all__ = [
+    "BAD_EXAMPLES",
+    "lost_a_peer",
+    "reports_here",
+    "split_run_flags",
+    "Batches",
+    "NoReadableFile",
+    "Progress",
+    "TrainingError",
+    "check_run_dir",
+    "gather",
+    "on_main",
+    "open_run_dir",
+    "record_bad_files",
+    "remove_if_empty",
+    "reported_elsewhere",
+    "trim_metrics",
+]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite losses in a row, a missing checkpoint for ``resume=True``)."""
+
+
+def reported_elsewhere(e: Exception) -> Exception:
+    """Mark ``e`` as not this process's to print (``train.py`` prints an error on the process that hit it, or on rank 0
+    for one that every rank hit alike): with torchrun, one process says what went wrong, not every rank."""
+    e.print_here = False
+    return e
+
+
+class NoReadableFile(TrainingError):
+    """A rank's loader gave only unreadable files for ``20 * batch_size`` items in a row."""
+
+
+class Progress:
+    """tqdm when installed (the numbers refresh on log steps, the only steps that read them), else a line every
+    ``log_every`` steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled, self.bar = enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, step: int, rec: dict | None) -> None:
+        if not self.enabled:
+            return
+        post = None
+        if rec is not None:
+            loss = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
+            post = {"loss": loss, "lr": f"{rec['lr']:.2e}", "clips/s": f"{rec['clips_per_s']:.1f}"}
+        if self.bar is not None:
+            self.bar.update(1)
+            if post:
+                self.bar.set_postfix(post, refresh=False)
+        elif post:
+            print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in post.items()), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def on_main(env: DistEnv, fn):
+    """``fn()`` on rank 0 alone, after which every rank learns whether it raised, so that no rank is left waiting in
+    a collective that a failed rank 0 never reaches. Rank 0 raises its own error (the one printed), the other ranks
+    a quiet one."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # anything, a bug included: the other ranks must not hang on it
+            error = e
+    failed = error is not None
+    if env.world > 1:
+        failed = env.all_reduce_(torch.tensor([float(failed)], dtype=torch.float64)).tolist()[0] > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise reported_elsewhere(TrainingError("rank 0 failed to start the run"))
+    return result
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A ``ConfigError`` when ``run_dir`` cannot be created or written in, found without creating it (a run that fails
+    a start-up check leaves no empty folder behind)."""
+    from sslam_fast.train.config import ConfigError
+
+    path = run_dir.absolute()
+    existing = next(a for a in (path, *path.parents) if a.exists())  # "/" exists
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise ConfigError(f"run_dir {run_dir} {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir} cannot be written: {existing} is read-only or not writable by this user")
+
+
+def open_run_dir(run_dir: Path, step: int) -> bool:
+    """Create ``run_dir`` (True when this call created it), check that a file can be written in it, and trim its
+    ``metrics.jsonl`` to the steps the checkpoint resumed from covers (:func:`trim_metrics`)."""
+    from sslam_fast.train.config import ConfigError
+
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+        trim_metrics(run_dir / "metrics.jsonl", step)
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir}: cannot write there ({e.strerror or e})") from None
+    return created
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps ``<= step`` in ``metrics.jsonl``, atomically (written aside, then renamed).
+
+    A run resumes from the checkpoint of update ``step``: the lines a killed run logged after it are logged again as
+    the resumed run redoes those updates, the summary lines of earlier invocations describe a run that goes on, and a
+    kill can leave half a line. Dropping them makes the file of a resumed run read as one run."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # half a line, cut by a kill
+            continue
+        if isinstance(rec, dict) and not rec.get("summary") and isinstance(rec.get("step"), int) \
+                and rec["step"] <= step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+BAD_EXAMPLES = 3  # unreadable files named in the final "done:" line (bad_files.txt lists them all)
+
+
+def gather(env: DistEnv, obj) -> list:
+    """``obj`` of every rank, in rank order (a collective: every rank calls it at the same point)."""
+    if env.world == 1:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def record_bad_files(path: Path, names: list[str]) -> list[str]:
+    """Add ``names`` to ``bad_files.txt`` (one path a line, each once, kept over resumes); returns all it lists."""
+    try:
+        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        merged = list(dict.fromkeys([*old, *names]))
+        if len(merged) != len(old):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(n + "\n" for n in merged), encoding="utf-8")
+            os.replace(tmp, path)
+        return merged
+    except OSError as e:  # the list is a report: not worth failing the run over
+        print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+        return list(dict.fromkeys(names))
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds nothing (a run that stopped before writing anything)."""
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only an empty folder is removed
+
+
+class Batches:
+    """The loader's batches in the sampler's order, from a saved position on; a batch of only unreadable files is
+    skipped (and its files counted as bad), like any unreadable file. ``cfg`` gives ``seed`` and ``batch_size``; the
+    sampler yields lists of indices and has ``load_state_dict({"epoch", "batches_done"})`` and ``batches(epoch)``
+    (:class:`sslam_fast.data.ResumableSampler`)."""
+
+    def __init__(self, cfg, dataset, loader, sampler, epoch: int, done: int):
+        self.cfg, self.dataset, self.loader, self.sampler = cfg, dataset, loader, sampler
+        self.epoch, self.done = epoch, done
+        self._it = self._iterate()
+
+    def _iterate(self):
+        while True:
+            self.sampler.load_state_dict({"epoch": self.epoch, "batches_done": self.done})
+            self.dataset.set_epoch(self.epoch)
+            self.loader.generator.manual_seed(self.cfg.seed * 7919 + self.epoch)  # worker seeds: the epoch only
+            expected = self.sampler.batches(self.epoch)
+            for batch in self.loader:
+                idx = expected[self.done]
+                self.done += 1
+                yield batch, idx
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def next(self, bad: list[str]) -> tuple[dict, int]:
+        """The next batch with a readable file and its count of readable files; unreadable ones go to ``bad``."""
+        n_good, skipped = 0, 0
+        while True:
+            batch, idx = next(self._it)
+            got = set(batch["indices"].tolist())  # a CPU tensor of the collated batch: no device involved
+            bad += [str(self.dataset.path(i)) for i in idx if i not in got]
+            n_good += len(got)
+            if got:
+                return batch, n_good
+            skipped += len(idx)
+            if skipped >= 20 * self.cfg.batch_size:
+                raise NoReadableFile(f"no readable file in {skipped} items in a row: {', '.join(bad[-5:])}")
+
+
+def split_run_flags(args: list[str]) -> tuple[list[str], bool, int | None]:
+    """``(the other arguments, resume, stop_after)`` of a ``train.py`` / ``finetune.py`` command line: ``--resume``
+    (``=true|1``; ``=false|0`` is dropped) and ``--stop_after=K``. Raises ``ConfigError`` for a bad ``K``."""
+    from sslam_fast.train.config import ConfigError
+
+    rest, resume, stop_after = [], False, None
+    for a in args:
+        if a.startswith("--stop_after="):
+            try:
+                stop_after = int(a.split("=", 1)[1])
+            except ValueError:
+                raise ConfigError(f"bad value for --stop_after: {a!r}") from None
+        elif a in ("--resume", "--resume=true", "--resume=1"):
+            resume = True
+        elif a not in ("--resume=false", "--resume=0"):
+            rest.append(a)
+    return rest, resume, stop_after
+
+
+# what gloo raises (a plain RuntimeError) when the process at the other end of a connection is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_a_peer(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the group died."""
+    if not dist.is_initialized():
+        return False
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _PEER_GONE)
+
+
+def reports_here(e: Exception) -> bool:
+    """Whether this process prints ``e``: the trainer marks an error that another rank reports (``print_here``);
+    otherwise rank 0 prints one that every rank of a process group hit alike, and a process without a group (one
+    process, or a rank that failed before joining) prints its own."""
+    mark = getattr(e, "print_here", None)
+    if mark is not None:
+        return bool(mark)
+    return not dist.is_initialized() or dist.get_rank() == 0
