@@ -91,6 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-clips", type=int, default=16,
                         help="CUDA: clips for the CPU per-clip loop line (0: leave it out)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--plot", action="store_true",
+                        help="also chart the speed-ups: benchmarks/charts/bench_fbank_<device>.png (matplotlib)")
     args = parser.parse_args(argv)
     batch = args.batch or (16 if args.device == "cpu" else 96)
     if args.repeats is None:
@@ -102,13 +104,18 @@ def main(argv=None) -> None:
     print(machine)
     rows = run_cpu(batch, args.repeats) if args.device == "cpu" else run_cuda(batch, args.repeats, args.cpu_clips)
     print("\n".join(rows))
+    cmd = "python benchmarks/bench_fbank.py" + (" --device cuda" if args.device == "cuda" else "")
+    body = (f"## fbank: eat_features vs the upstream per-clip loop ({args.device}, {batch} x 10 s clips)\n\n"
+            f"{machine}  \ncommand: `{cmd}`; median of {args.repeats} runs"
+            + ("; CUDA events, L2 flushed before each call" if args.device == "cuda" else "")
+            + "\n\n" + "\n".join(rows))
+    section = f"bench_fbank_{args.device}"
+    if args.plot:
+        import plots  # imports matplotlib when it draws
+
+        body = plots.chart_section(section, body, publish=not args.no_write)
     if not args.no_write:
-        cmd = "python benchmarks/bench_fbank.py" + (" --device cuda" if args.device == "cuda" else "")
-        body = (f"## fbank: eat_features vs the upstream per-clip loop ({args.device}, {batch} x 10 s clips)\n\n"
-                f"{machine}  \ncommand: `{cmd}`; median of {args.repeats} runs"
-                + ("; CUDA events, L2 flushed before each call" if args.device == "cuda" else "")
-                + "\n\n" + "\n".join(rows))
-        write_section(f"bench_fbank_{args.device}", body)
+        write_section(section, body)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=101, help="CPU: repeats // 10 interleaved rounds of 5 calls")
     ap.add_argument("--large-batch", type=int, default=96, help="clips for the multi-threaded cpp line (CPU)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--plot", action="store_true",
+                    help="also chart the speed-ups: benchmarks/charts/bench_masks_<device>.png (matplotlib)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
@@ -245,6 +247,10 @@ def main() -> None:
     meta = [head, f"command: `{command}`; timing: {timing}", load, stats]
     body = "\n".join([f"### {title}", "", "  \n".join(meta), "", *table])
     print(body)
+    if args.plot:
+        import plots  # imports matplotlib when it draws
+
+        body = plots.chart_section(f"bench_masks_{args.device}", body, publish=not args.no_write)
     if not args.no_write:
         write_section(f"bench_masks_{args.device}", body)
 

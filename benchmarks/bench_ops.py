@@ -439,6 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) path")
     p.add_argument("--compile", action="store_true", help="with --quick: time torch.compile(reference) anyway")
     p.add_argument("--dry-run", action="store_true", help="build the cases on the meta device, time nothing")
+    p.add_argument("--plot", action="store_true", help="also chart the speed and memory ratios against the reference: "
+                   "benchmarks/charts/bench_ops_<device>.png (matplotlib)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.ops.split(",") if n.strip()]
     unknown = sorted(set(names) - set(ALL_OPS))
@@ -480,6 +482,10 @@ def main(argv=None) -> int:
     text = "\n\n".join([title, machine + "  \ncommand: `" + cmd.strip() + "`; " + "; ".join(notes), body])
     print()
     print(text)
+    if args.plot:
+        import plots  # imports matplotlib when it draws
+
+        text = plots.chart_section(f"bench_ops_{args.device}", text, publish=not args.no_write)
     if not args.no_write:
         write_section(f"bench_ops_{args.device}", text)
     return 0

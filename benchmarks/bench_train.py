@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --preset tiny --quick             # smoke run: few steps, no torch.compile
     python benchmarks/bench_train.py --preset base --device cuda --write
     python benchmarks/bench_train.py --preset tiny --profile           # + top-25 operators of (a) and (c)
+    python benchmarks/bench_train.py --task finetune --preset tiny     # the fine-tuning step (finetune_step.py)
 
 One step is everything the trainer does per update, from a batch of raw int16 waveforms already on the device to the
 updated teacher: features, masks (and the SSLAM mix windows), the EMA step, the loss terms (bf16 autocast on CUDA),
@@ -87,7 +88,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_time_once, machine_line, upstream_fbank_loop, write_section  # noqa: E402
+import finetune_step  # noqa: E402
+from common import RESULTS, cuda_time_once, machine_line, upstream_fbank_loop, write_section  # noqa: E402
 
 from sslam_fast import _backend  # noqa: E402
 from sslam_fast._checks import value_checks  # noqa: E402
@@ -307,9 +309,11 @@ def memory_child(args) -> None:
     if libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024) != 1:
         raise RuntimeError("glibc mallopt refused the 64 KiB mmap / trim thresholds")
     stage, key = args._memory_child.split(":")
-    s = make_setup(args.preset, stage, args.batch, torch.device("cpu"))
-    v = Variant(key, s, initial_model(s))
-    audio = make_audio(s)
+    if stage == "finetune":
+        v, audio = finetune_step.memory_variant(args.preset, args.batch, key)
+    else:
+        s = make_setup(args.preset, stage, args.batch, torch.device("cpu"))
+        v, audio = Variant(key, s, initial_model(s)), make_audio(s)
     v.step(audio)  # warm-up: optimizer state, compile, lazy initialisation
     v.opt.zero_grad(set_to_none=True)
     gc.collect()
@@ -505,10 +509,13 @@ def final_line(results: list[StageResult]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=("sslam", "eat", "both"), default="both")
+    p.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                   help="the pre-training step (default) or the fine-tuning step (benchmarks/finetune_step.py)")
+    p.add_argument("--stage", choices=("sslam", "eat", "both"), default="both", help="pre-training stage(s)")
     p.add_argument("--preset", choices=("tiny", "base"), default="tiny")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch", type=int, default=None, help="clips per step (tiny 8; base 2 on CPU, 12 on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="clips per step (tiny 8; base 2 on CPU, 12 on CUDA; "
+                   "finetune: tiny 16, base 2 on CPU, 48 on CUDA)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds (default 20; 5 for base on CPU; 3 --quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; 1 with --quick)")
@@ -516,12 +523,17 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--profile", nargs="?", const="", default=None, metavar="PATH",
                    help="profile a few steps of (a) and (c); top-25 operators by self time to PATH "
-                        "(default benchmarks/profiles/train_<preset>_<device>.txt)")
+                        "(default benchmarks/profiles/{train,finetune}_<preset>_<device>.txt)")
+    p.add_argument("--plot", action="store_true", help="also chart the speed and memory ratios against (a): "
+                   "benchmarks/charts/bench_train_<preset>_<device>.png (matplotlib); linked from RESULTS.md with "
+                   "--write")
     p.add_argument("--_memory-child", dest="_memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.batch is None and args.task == "finetune":
+        args.batch = finetune_step.default_batch(args.preset, args.device)
     if args.batch is None:
         args.batch = 8 if args.preset == "tiny" else (12 if args.device == "cuda" else 2)
     if args.batch < 1:
@@ -539,6 +551,9 @@ def main(argv=None) -> int:
         p.error("--steps and --warmup must be >= 1")
     # (b) and (d) share the code object of the loss closure: one cache entry per model copy and path
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if args.task == "finetune":
+        return finetune_step.main(args, argv if argv is not None else sys.argv[1:],
+                                  lambda key: cpu_peak(args, "finetune", key))
     device = torch.device(args.device)
 
     machine = machine_line()
@@ -584,6 +599,14 @@ def main(argv=None) -> int:
         body = "\n\n".join([f"## Train step, preset {args.preset}, device {args.device}",
                             f"{machine}  \ncommand: `{cmd.strip()}`; {notes}", text, f"`{last}`"])
         write_section(f"bench_train_{args.preset}_{args.device}", body)
+    if args.plot:
+        import plots  # imports matplotlib when it draws
+
+        section = f"bench_train_{args.preset}_{args.device}"
+        plots.chart_section(section, f"## Train step, preset {args.preset}, device {args.device}\n\n{text}",
+                            publish=args.write)
+        if args.write:
+            RESULTS.write_text(plots.add_link(RESULTS.read_text(), section))
     print(last)
     return 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sslam_fast._progress import progress
 from sslam_fast.extract import (
     MAX_TARGET_LENGTH,
     Reporter,
@@ -86,8 +87,9 @@ def read_targets(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def evaluate(model, root: Path, rows, targets: dict[str, list[str]] | None, mids: list[str], *, batch_size=32,
-             device=None, target_length=MAX_TARGET_LENGTH, report=None) -> dict:
-    """Score every manifest clip; returns ``{"mAP", "ap" (C,), "scores" (N, C), "targets" (N, C), "files"}``."""
+             device=None, target_length=MAX_TARGET_LENGTH, report=None, show_progress: bool = False) -> dict:
+    """Score every manifest clip; returns ``{"mAP", "ap" (C,), "scores" (N, C), "targets" (N, C), "files"}``.
+    ``show_progress``: a progress bar over the clips on stderr when that is a terminal."""
     report = report or Reporter()
     col = {m: i for i, m in enumerate(mids) if m}
     labels: dict[Path, np.ndarray] = {}
@@ -109,7 +111,8 @@ def evaluate(model, root: Path, rows, targets: dict[str, list[str]] | None, mids
         labels[f] = y
         files.append(f)
     got_files, got_scores = [], []
-    for f, s in predict(model, files, batch_size=batch_size, device=device, target_length=target_length,
+    clips = progress(files, desc="evaluate", unit="clip") if show_progress else files
+    for f, s in predict(model, clips, batch_size=batch_size, device=device, target_length=target_length,
                         on_error=report):
         got_files.append(f)
         got_scores.append(s.numpy())
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = Reporter()
     res = evaluate(model, root, rows, targets, mids, batch_size=args.batch_size, device=device,
-                   target_length=args.target_length, report=report)
+                   target_length=args.target_length, report=report, show_progress=True)
     report.summary(len(res["files"]), "clip")
     if not res["files"]:
         print(f"error: no clip of {args.manifest} could be scored", file=sys.stderr)

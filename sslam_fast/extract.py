@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sslam_fast._progress import progress, write
 from sslam_fast.audio import AudioError, clip_frames, default_target_length, list_audio, load_audio
 
 __all__ = [
@@ -56,7 +57,8 @@ MAX_TARGET_LENGTH = 1024
 
 
 class Reporter:
-    """Collects skipped files: one stderr line each, then a count (``summary``)."""
+    """Collects skipped files: one stderr line each (printed above a progress bar, if one is drawn), then a count
+    (``summary``)."""
 
     def __init__(self, stream=None) -> None:
         self.stream = stream
@@ -64,7 +66,7 @@ class Reporter:
 
     def __call__(self, path, reason: str) -> None:
         self.skipped.append((Path(path), reason))
-        print(f"skipped {path}: {reason}", file=self.stream or sys.stderr)
+        write(f"skipped {path}: {reason}", file=self.stream or sys.stderr)
 
     def summary(self, done: int, what: str = "file") -> None:
         if self.skipped:
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     check_target_length(p, args.target_length, model)
     dest = output_paths(root, files, out)
     done = 0
+    files = progress(files, desc="extract", unit="file")  # a bar on a terminal only
     for path, feat in extract_features(model, files, granularity=args.granularity, batch_size=args.batch_size,
                                        device=device, target_length=args.target_length, on_error=report):
         target = dest[path]

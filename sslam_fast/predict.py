@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sslam_fast._progress import progress, write
 from sslam_fast.extract import (
     MAX_TARGET_LENGTH,
     Reporter,
@@ -106,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     k = min(args.top_k, num_classes)
     many = not root.is_file()
     done = 0
+    files = progress(files, desc="predict", unit="file")  # a bar on a terminal only
     for path, scores in predict(model, files, batch_size=args.batch_size, device=device,
                                 target_length=args.target_length, on_error=report):
         if many:
-            print(f"# {path}")
+            write(f"# {path}", file=sys.stdout)
         top = torch.topk(scores, k)
         for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
             name = names.get(i, str(i)) if names is not None else str(i)
-            print(f"{rank}\t{s:.6f}\t{i}\t{name}")
+            write(f"{rank}\t{s:.6f}\t{i}\t{name}", file=sys.stdout)
         done += 1
     report.summary(done)
     if done == 0:
