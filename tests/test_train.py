@@ -305,7 +305,8 @@ def test_worker_features_match_the_step_and_are_deterministic(base):
     on the seed and the batch's items only."""
     from sslam_fast.data import AudioClipDataset, collate, make_default_dataset
     from sslam_fast.train import load_config
-    from sslam_fast.train.loop import WorkerFeatures, _features
+    from sslam_fast.train.inputs import WorkerFeatures
+    from sslam_fast.train.inputs import features as _features
 
     cfg = load_config(["--preset=tiny", "--features_in_workers=true"])
     ds = AudioClipDataset(make_default_dataset(base / "default_data").train_manifest, cfg.clip_samples, seed=1)

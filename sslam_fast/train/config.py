@@ -50,6 +50,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward + losses (inductor)
     num_workers: int = 8
     features_in_workers: bool = False  # fbank + masks in the loader workers (upstream's placement), not in the step
+    shuffle_buffer: int = 1000  # clips each loader worker shuffles through when --data names tar shards
     log_every: int = 100
     tensorboard: bool = False  # also write TensorBoard scalars to <run_dir>/tensorboard (needs tensorboard)
     save_every_updates: int = 10000
@@ -165,6 +166,7 @@ def _first_error(c: TrainConfig) -> str | None:
         (c.mask_noise_std >= 0, f"mask_noise_std must be >= 0, got {c.mask_noise_std}"),
         (c.norm_std > 0, f"norm_std must be positive, got {c.norm_std}"),
         (c.num_workers >= 0, f"num_workers must be >= 0, got {c.num_workers}"),
+        (c.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {c.shuffle_buffer}"),
         (c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}"),
         (c.save_every_updates >= 1, f"save_every_updates must be >= 1, got {c.save_every_updates}"),
         (c.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0 (0 keeps all), got {c.keep_checkpoints}"),
@@ -349,6 +351,24 @@ def load_config(argv: typing.Sequence[str] | None = None) -> TrainConfig:
     elif "grid" in touched and "target_length" not in touched:
         cfg.target_length = cfg.grid[0] * PATCH_SIZE
     return cfg.validate()
+
+
+def config_help(doc: str, presets: dict, argv: typing.Sequence[str]) -> str | None:
+    """The ``--help`` / ``-h`` text of ``train.py`` / ``finetune.py`` when ``argv`` asks for it, else None: ``doc``,
+    then every setting with its value in the preset named by ``--preset=NAME`` (default: the first preset listed)."""
+    if not any(a in ("-h", "--help") for a in argv):
+        return None
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), next(iter(presets)))
+    if name not in presets:
+        name = next(iter(presets))
+    cfg = presets[name]
+    lines = [doc.strip(), "", f"Settings, as --key=value (values of --preset={name}; presets: {', '.join(presets)}):"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        lines.append(f"  --{f.name}={value}")
+    return "\n".join(lines)
 
 
 def parse_config_argv(argv: typing.Sequence[str] | None, presets: dict, default_preset: str) -> tuple[typing.Any, set]:

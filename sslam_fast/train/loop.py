@@ -14,7 +14,6 @@ import random
 import signal
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -24,10 +23,12 @@ from sslam_fast._checks import value_checks
 from sslam_fast.train import distributed
 from sslam_fast.train.config import TrainConfig
 from sslam_fast.train.distributed import DistEnv
+from sslam_fast.train.inputs import build_data, default_data_root, make_batches
+from sslam_fast.train.inputs import features as batch_features
+from sslam_fast.train.inputs import masks as batch_masks
 from sslam_fast.train.optim import build_optimizer, build_scheduler
 from sslam_fast.train.runtime import (
     BAD_EXAMPLES,
-    Batches,
     NoReadableFile,
     Progress,
     TrainingError,
@@ -42,11 +43,6 @@ from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_
 from sslam_fast.train.stats import TERMS, StepStats
 
 __all__ = ["TrainingError", "default_data_root", "train"]
-
-
-def default_data_root(run_dir: str | os.PathLike) -> Path:
-    """Where the built-in synthetic set lives for ``cfg.data == ""``: ``<run_dir>/../default_data``."""
-    return Path(run_dir).absolute().parent / "default_data"
 
 
 def _step_rng(seed: int, step: int, rank: int, micro: int) -> random.Random:
@@ -73,25 +69,6 @@ def _prepare(cfg: TrainConfig, env: DistEnv) -> None:
     on_main(env, work)
 
 
-def _build_data(cfg: TrainConfig, env: DistEnv):
-    from sslam_fast.data import AudioClipDataset, DataError, make_default_dataset
-
-    default_set = None
-    if cfg.data == "":
-        default_set = make_default_dataset(default_data_root(cfg.run_dir))  # made by rank 0 in _prepare: only reads
-        source = default_set.train_manifest
-    else:
-        source = cfg.data
-    dataset = AudioClipDataset(source, cfg.clip_samples, sample_rate=cfg.sample_rate, seed=cfg.seed)
-    need = cfg.batch_size * env.world  # what ResumableSampler needs for one batch on every rank
-    if len(dataset) < need:
-        raise DataError(f"{source} holds {len(dataset)} audio file(s), fewer than one batch: batch_size="
-                        f"{cfg.batch_size} on each of {env.world} process(es) needs {need}; lower --batch_size or "
-                        f"add data")
-    return dataset, default_set
-
-
-
 def _unwrap(m):
     return m.module if hasattr(m, "module") else m
 
@@ -110,7 +87,7 @@ def _ema_step(model, n: int, cfg: TrainConfig) -> float:
 def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, env: DistEnv) -> None:
     from sslam_fast.checkpoint import save_pretraining_checkpoint
 
-    mine = (capture_rng_state(), {"epoch": int(position[0]), "batches_done": int(position[1])})
+    mine = (capture_rng_state(), position)
     if env.world > 1:
         gathered = [None] * env.world
         dist.all_gather_object(gathered, mine)
@@ -176,50 +153,6 @@ def _load(path: os.PathLike, model, optimizer, scheduler, env: DistEnv) -> dict:
         if len(st.get("positions", ())) == env.world:
             st["position"] = st["positions"][env.rank]
     return st
-
-
-def _features(cfg, batch, device):
-    """(B, 1, T, 128) normalised log-mels of a collated batch, computed on ``device`` (int16 scaled to [-1, 1])."""
-    from sslam_fast.ops import eat_features
-
-    # pinned by the loader on a GPU run, so neither copy waits; int16 PCM is scaled by 1 / 32768 inside eat_features
-    audio = batch["audio"].to(device, non_blocking=True)
-    lengths = batch["lengths"].to(device, non_blocking=True)
-    return eat_features(audio, lengths, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
-                        norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
-
-
-def _masks(cfg, batch_size: int, device, *, generator: torch.Generator | None = None,
-           seed: int | None = None) -> torch.Tensor:
-    from sslam_fast.ops import inverse_block_mask
-
-    return inverse_block_mask(batch_size, cfg.clones, grid=cfg.grid, mask_prob=cfg.mask_prob,
-                              mask_length=cfg.mask_length, mask_prob_adjust=cfg.mask_prob_adjust,
-                              generator=generator, seed=seed, device=device)
-
-
-class WorkerFeatures:
-    """The loader's ``collate_fn`` for ``features_in_workers=True``: collate, then fbank and masks on the CPU in the
-    loader worker (where upstream computes them), added to the batch as ``fbank`` and ``masks``.
-
-    The masks of a batch are seeded from ``cfg.seed`` and the batch's item indices in order, so they do not depend on
-    which worker builds the batch, and a resumed run draws the same ones."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-
-    def __call__(self, items: list) -> dict:
-        from sslam_fast.data import collate
-
-        batch = collate(items)
-        B = batch["audio"].shape[0]
-        if B == 0:
-            return batch
-        seed = zlib.crc32(batch["indices"].numpy().tobytes(), self.cfg.seed & 0xFFFFFFFF)
-        with torch.no_grad():
-            batch["fbank"] = _features(self.cfg, batch, torch.device("cpu"))
-            batch["masks"] = _masks(self.cfg, B, torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
-        return batch
 
 
 class _TensorBoard:
@@ -288,8 +221,8 @@ class _Stepper:
             source = batch["fbank"].to(device, non_blocking=True)
             masks = batch["masks"].to(device, non_blocking=True)
         else:
-            source = _features(cfg, batch, device)
-            masks = _masks(cfg, batch["audio"].shape[0], device, seed=rng.randrange(2**63 - 1))
+            source = batch_features(cfg, batch, device)
+            masks = batch_masks(cfg, batch["audio"].shape[0], device, seed=rng.randrange(2**63 - 1))
         windows = None
         if cfg.stage == "sslam":  # drawn on the host, handed over as a device tensor: never read back, never a
             # new constant for torch.compile
@@ -297,7 +230,7 @@ class _Stepper:
             windows = mix_windows_tensor(s, device)
         return source, masks, windows
 
-    def fetch(self, batches: Batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
+    def fetch(self, batches, bad: list[str]) -> tuple[list[dict] | None, int, str | None]:
         """The micro-batches of the next update, before it starts: ``(batches, readable files, None)``, or ``(None,
         readable files, message)`` when the loader gave no readable file for too long. Unreadable files go to ``bad``.
 
@@ -375,20 +308,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     errors then raise). ``metrics.jsonl`` is trimmed on resume to the steps the checkpoint covers, so that a resumed
     run's log reads as one run; the unreadable files are listed in ``bad_files.txt``. Nothing is written, and
     ``run_dir`` is not created, until every start-up check has passed."""
-    from sslam_fast.data import BadFileMonitor, ResumableSampler, collate
+    from sslam_fast.data import BadFileMonitor
     from sslam_fast.models import PretrainingModel
 
     _check_tensorboard(cfg)
     env = distributed.setup(cfg.device)
     run_dir = Path(cfg.run_dir)
     _prepare(cfg, env)  # run_dir checked, not created yet: a run that fails a start-up check leaves no folder
-    dataset, default_set = _build_data(cfg, env)
-    sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
-                               world_size=env.world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                         collate_fn=WorkerFeatures(cfg) if cfg.features_in_workers else collate,
-                                         num_workers=cfg.num_workers, pin_memory=env.cuda,
-                                         generator=torch.Generator())  # not the global RNG: exact resume
+    dataset, default_set = build_data(cfg, env)
 
     torch.manual_seed(cfg.seed)
     model = PretrainingModel(cfg.model_config()).to(env.device)
@@ -414,14 +341,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 
-    step, epoch, done = 0, 0, 0
+    step, saved = 0, None
     counters = {"skipped_steps": 0, "bad_files": 0, "good_files": 0, "clips": 0}
     ckpt = find_latest_checkpoint(run_dir, load=True, remove_temp=env.is_main, verbose=env.is_main)
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
     if ckpt is not None:
         st = _load(ckpt, model, optimizer, scheduler, env)
-        step, epoch, done = st["step"], st["position"]["epoch"], st["position"]["batches_done"]
+        step, saved = st["step"], st
         counters.update(st.get("counters", {}))
         if env.is_main:
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr, flush=True)
@@ -431,7 +358,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.cuda else None,
                                                         find_unused_parameters=False)
     stepper = _Stepper(cfg, env, model, ddp, optimizer, scheduler)
-    batches = Batches(cfg, dataset, loader, sampler, epoch, done)
+    batches = make_batches(cfg, env, dataset, saved)
     monitor = BadFileMonitor(cfg.max_bad_file_share)
     monitor.n_ok, monitor.n_bad = counters["good_files"], counters["bad_files"]  # a resumed run keeps its counts
     created = on_main(env, lambda: open_run_dir(run_dir, step))  # every start-up check passed: now the folder
@@ -439,7 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     progress = Progress(cfg.max_updates, step, env.is_main)
     stats = StepStats(env)
     t_run, first_step = time.perf_counter(), step
-    position = (batches.epoch, batches.done)  # the data position after the updates done (what a checkpoint saves)
+    position = batches.position()  # the data position after the updates done (what a checkpoint saves)
     bad_seen: dict[str, None] = {}  # this rank's unreadable files, in order, each once: named at the end
     stop_reason, failure, no_data = None, None, None
 
@@ -482,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 with value_checks(step == first_step):
                     stepper.run(step, micro_batches, stats, check_values=step == first_step)
                 step += 1
-                position = (batches.epoch, batches.done)
+                position = batches.position()
                 rec = None
                 if step % cfg.log_every == 0 or step == cfg.max_updates:
                     rec = stats.summary(step)
