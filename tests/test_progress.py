@@ -168,3 +168,31 @@ def test_tool_in_a_terminal_draws_a_bar(tool, setup, tmp_path, monkeypatch, caps
     assert "\r" not in out
     if tool == "predict":
         assert sum(line.startswith("# ") for line in out.splitlines()) == 3
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_trainer_progress_lines_in_a_log_bar_on_a_terminal(monkeypatch, tty):
+    """The pretrainer's and fine-tuner's Progress: a line per log step and no carriage return off a terminal; a
+    redrawn bar with the loss on one."""
+    from sslam_fast.train.runtime import Progress
+
+    err = FakeTTY() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    p = Progress(total=4, initial=0, enabled=True)
+    rec = {"loss": 1.25, "lr": 1e-3, "clips_per_s": 12.0}
+    for step in range(1, 5):
+        p.update(step, rec if step % 2 == 0 else None)
+    p.close()
+    out = err.getvalue()
+    if tty:
+        assert "\r" in out and "loss=1.2500" in out and "4/4" in out
+    else:
+        assert "\r" not in out
+        assert out.splitlines() == ["step 2: loss=1.2500 lr=1.00e-03 clips/s=12.0",
+                                    "step 4: loss=1.2500 lr=1.00e-03 clips/s=12.0"]
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    q = Progress(total=4, initial=0, enabled=False)  # ranks other than 0
+    q.update(2, rec)
+    q.close()
+    assert quiet.getvalue() == ""

@@ -18,6 +18,7 @@ __all__ = ["clip_features", "fit_and_score", "linear_probe"]
 @torch.no_grad()
 def clip_features(encoder, default_set, cfg, device="cpu", batch_size: int = 32) -> torch.Tensor:
     """(num_heldout, D) float32 CLS features of the held-out clips (first ``clip_samples`` of each, no crop)."""
+    from sslam_fast._progress import progress
     from sslam_fast.data import AudioClipDataset
     from sslam_fast.ops import eat_features
 
@@ -26,7 +27,7 @@ def clip_features(encoder, default_set, cfg, device="cpu", batch_size: int = 32)
     was_training = encoder.training
     encoder.eval()
     feats = []
-    for start in range(0, len(ds), batch_size):
+    for start in progress(range(0, len(ds), batch_size), desc="linear-probe features", unit="batch"):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         if any(it is None for it in items):
             raise ValueError(f"unreadable held-out clip in {default_set.heldout_manifest}")

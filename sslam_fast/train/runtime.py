@@ -52,18 +52,16 @@ class NoReadableFile(TrainingError):
 
 
 class Progress:
-    """tqdm when installed (the numbers refresh on log steps, the only steps that read them), else a line every
-    ``log_every`` steps."""
+    """The trainer's progress on rank 0: a bar with the loss, lr and clips/s when stderr is a terminal (refreshed on
+    log steps, the only steps that read them back), else one line ``step N: loss=... lr=... clips/s=...`` per log
+    step, so that a redirected log gets no carriage-return updates (``sslam_fast._progress``)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        self.enabled, self.bar = enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
+        from sslam_fast._progress import is_terminal, progress_bar
 
-                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
+        self.enabled = enabled
+        self.bar = progress_bar(total, initial=initial, desc="train", unit="step") if enabled and is_terminal() \
+            else None
 
     def update(self, step: int, rec: dict | None) -> None:
         if not self.enabled:
