@@ -29,15 +29,21 @@ import torch.distributed as dist
 def main(argv: list[str] | None = None) -> int:
     from sslam_fast.checkpoint import CheckpointError
     from sslam_fast.data import DataError
-    from sslam_fast.finetune.config import load_finetune_config
+    from sslam_fast.finetune.config import PRESETS, load_finetune_config
     from sslam_fast.finetune.loop import demonstration, finetune
     from sslam_fast.train import ConfigError
+    from sslam_fast.train.config import config_help
     from sslam_fast.train.distributed import teardown
     from sslam_fast.train.loop import TrainingError
     from sslam_fast.train.runtime import lost_a_peer, reports_here, split_run_flags
 
     try:
-        args, resume, stop_after = split_run_flags(list(sys.argv[1:] if argv is None else argv))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        text = config_help(__doc__, PRESETS, argv)
+        if text is not None:
+            print(text)
+            return 0
+        args, resume, stop_after = split_run_flags(argv)
         compare = _compare_flag(args)
         cfg = load_finetune_config(args)
         if compare is None:

@@ -21,12 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     from sslam_fast.checkpoint import CheckpointError
     from sslam_fast.data import DataError
     from sslam_fast.train import ConfigError, load_config
+    from sslam_fast.train.config import PRESETS, config_help
     from sslam_fast.train.distributed import teardown
     from sslam_fast.train.loop import TrainingError, train
     from sslam_fast.train.runtime import lost_a_peer, reports_here, split_run_flags
 
     try:
-        args, resume, stop_after = split_run_flags(list(sys.argv[1:] if argv is None else argv))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        text = config_help(__doc__, PRESETS, argv)
+        if text is not None:
+            print(text)
+            return 0
+        args, resume, stop_after = split_run_flags(argv)
         cfg = load_config(args)
         train(cfg, resume=resume, stop_after=stop_after)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:

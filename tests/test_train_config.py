@@ -422,3 +422,19 @@ def test_graceful_exit_second_sigint_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("script, preset, field", [("train.py", "tiny", "--clones=4"),
+                                                   ("finetune.py", "esc50", "--mask_ratio=0.4")])
+def test_help_lists_the_settings_of_the_preset(script, preset, field):
+    """``--help`` prints the entry point's usage and every setting with the named preset's value, and exits 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, script, f"--preset={preset}", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"values of --preset={preset}" in res.stdout and field in res.stdout
+    assert "--run_dir=" in res.stdout and "error" not in res.stderr
