@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sslam_fast._progress import progress
 from sslam_fast.extract import (
@@ -112,15 +113,18 @@ def evaluate(model, root: Path, rows, targets: dict[str, list[str]] | None, mids
         files.append(f)
     got_files, got_scores = [], []
     clips = progress(files, desc="evaluate", unit="clip") if show_progress else files
-    for f, s in predict(model, clips, batch_size=batch_size, device=device, target_length=target_length,
-                        on_error=report):
+    for f, z in predict(model, clips, batch_size=batch_size, device=device, target_length=target_length,
+                        on_error=report, logits=True):
         got_files.append(f)
-        got_scores.append(s.numpy())
+        got_scores.append(z.numpy())
     if not got_files:
         return {"mAP": float("nan"), "ap": None, "scores": None, "targets": None, "files": []}
-    scores = np.stack(got_scores)[:, : len(mids)]
+    logits = np.stack(got_scores)[:, : len(mids)]
     y = np.stack([labels[f] for f in got_files])
-    m, ap = mean_average_precision(scores, y)
+    # ranked by the logits, as the fine-tuner's evaluation ranks them: the sigmoid is monotone, but in float32 it
+    # rounds close logits to equal scores, and ties change the average precision
+    m, ap = mean_average_precision(np.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0), y)
+    scores = torch.sigmoid(torch.from_numpy(logits)).numpy()
     return {"mAP": m, "ap": ap, "scores": scores, "targets": y, "files": got_files}
 
 

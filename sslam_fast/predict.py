@@ -68,14 +68,16 @@ def read_class_labels(path: str | os.PathLike) -> list[tuple[int, str, str]]:
 
 
 @torch.inference_mode()
-def predict(model, files, *, batch_size=8, device=None, target_length=MAX_TARGET_LENGTH, on_error=None):
-    """Yield ``(path, scores)``: the (num_classes,) float32 sigmoid scores of each readable file."""
+def predict(model, files, *, batch_size=8, device=None, target_length=MAX_TARGET_LENGTH, on_error=None,
+            logits: bool = False):
+    """Yield ``(path, scores)``: the (num_classes,) float32 sigmoid scores of each readable file (``logits=True``: the
+    logits, which rank the clips exactly where float32 sigmoids of close logits round to equal values)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cap = min(MAX_TARGET_LENGTH, model_max_frames(model))
     for paths, x in iter_batches(files, batch_size=batch_size, device=device, target_length=target_length,
                                  max_length=cap, on_error=on_error or Reporter()):
-        scores = torch.sigmoid(model(x).float()).cpu()
-        yield from zip(paths, scores)
+        out = model(x).float()
+        yield from zip(paths, (out if logits else torch.sigmoid(out)).cpu())
 
 
 def main(argv: list[str] | None = None) -> int:
