@@ -34,7 +34,7 @@ EXPECTED = {
     "spass": dict(COMMON, batch_size=48, max_updates=3906, warmup_updates=390, target_length=1024,
                   clip_seconds=10.0, roll_aug=True, noise_aug=False, mixup=0.8, mask_ratio=0.2, label_smoothing=0.0,
                   norm_mean=-5.275, norm_std=3.268, multilabel=True, num_classes=0, weighted_sampling=False, seed=1),
-    "tiny": dict(COMMON | {"lr": 5e-4}, batch_size=16, max_updates=400, warmup_updates=40, target_length=256,
+    "tiny": dict(COMMON | {"lr": 2e-3}, batch_size=16, max_updates=400, warmup_updates=40, target_length=256,
                  clip_seconds=2.56, roll_aug=True, mixup=0.8, mask_ratio=0.2, multilabel=True, num_classes=0,
                  data="", num_workers=0, embed_dim=64, depth=2, num_heads=4),
 }

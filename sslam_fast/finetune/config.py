@@ -291,7 +291,7 @@ PRESETS: dict[str, FinetuneConfig] = {
     # cores. The recipe is AS-20K's with a learning rate sized for a 2-block model.
     "tiny": FinetuneConfig(
         preset="tiny", run_dir="runs/finetune-tiny", clip_seconds=2.56, target_length=256, batch_size=16,
-        max_updates=400, warmup_updates=40, lr=5e-4, num_workers=0, log_every=10, eval_every=100, save_every=100,
+        max_updates=400, warmup_updates=40, lr=2e-3, num_workers=0, log_every=10, eval_every=100, save_every=100,
         embed_dim=64, depth=2, num_heads=4,
     ),
 }
