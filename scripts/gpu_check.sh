@@ -11,7 +11,7 @@
 #                compiled (SSLAM stage 2 by default: GPU_CHECK_TRAIN_ARGS="--stage both" adds EAT stage 1)
 #
 # Each benchmark writes its GPU section of benchmarks/RESULTS.md (bench_ops_cuda, bench_fbank_cuda, bench_masks_cuda,
-# bench_train_base_cuda); the CPU sections are never touched. Every stage runs under `timeout` with its own budget and
+# bench_train_base_cuda) with its ratio chart (benchmarks/charts/<section>.png); the CPU sections are never touched. Every stage runs under `timeout` with its own budget and
 # logs to $LOG_DIR/<stage>.log; all stages run even when one fails, then a summary names the ones that failed. The
 # folder also gets env.log (nvidia-smi, torch), summary.txt and a copy of RESULTS.md.
 #
@@ -129,15 +129,16 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device
       f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")' 2>&1 | tee -a "$LOG_DIR/env.log" || true
 
 run_stage tests 90 "$PY" -m pytest -q -m cuda
-run_stage bench_ops 100 "$PY" benchmarks/bench_ops.py --device cuda
-run_stage bench_fbank 20 "$PY" benchmarks/bench_fbank.py --device cuda
-run_stage bench_masks 20 "$PY" benchmarks/bench_masks.py --device cuda
+run_stage bench_ops 100 "$PY" benchmarks/bench_ops.py --device cuda --plot
+run_stage bench_fbank 20 "$PY" benchmarks/bench_fbank.py --device cuda --plot
+run_stage bench_masks 20 "$PY" benchmarks/bench_masks.py --device cuda --plot
 # set but empty: no extra arguments (both stages, as bench_train's default)
 read -r -a train_args <<<"${GPU_CHECK_TRAIN_ARGS---stage sslam}"
-run_stage bench_train 150 "$PY" benchmarks/bench_train.py --device cuda --preset base --write "${train_args[@]}"
+run_stage bench_train 150 "$PY" benchmarks/bench_train.py --device cuda --preset base --write --plot "${train_args[@]}"
 
 # --- 3. summary ------------------------------------------------------------------------------------------------------
 cp benchmarks/RESULTS.md "$LOG_DIR/RESULTS.md"
+cp benchmarks/charts/*_cuda*.png "$LOG_DIR/" 2>/dev/null || true
 {
     echo "gpu_check: $((SECONDS - start)) s in all; logs in $LOG_DIR"
     for p in "${passed[@]}"; do echo "  ok      $p"; done
