@@ -23,50 +23,22 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
 
 def main(argv: list[str] | None = None) -> int:
-    from sslam_fast.checkpoint import CheckpointError
-    from sslam_fast.data import DataError
     from sslam_fast.finetune.config import PRESETS, load_finetune_config
     from sslam_fast.finetune.loop import demonstration, finetune
-    from sslam_fast.train import ConfigError
-    from sslam_fast.train.config import config_help
-    from sslam_fast.train.distributed import teardown
-    from sslam_fast.train.loop import TrainingError
-    from sslam_fast.train.runtime import lost_a_peer, reports_here, split_run_flags
+    from sslam_fast.train.runtime import run_entry_point
 
-    try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        text = config_help(__doc__, PRESETS, argv)
-        if text is not None:
-            print(text)
-            return 0
-        args, resume, stop_after = split_run_flags(argv)
+    def body(args: list[str], resume: bool, stop_after: int | None) -> None:
         compare = _compare_flag(args)
         cfg = load_finetune_config(args)
         if compare is None:
             compare = cfg.preset == "tiny" and bool(cfg.init_checkpoint) and cfg.data == "" \
                 and cfg.linear == "false" and cfg.folds == ""
-        if compare:
-            demonstration(cfg, resume=resume, stop_after=stop_after)
-        else:
-            finetune(cfg, resume=resume, stop_after=stop_after)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        if reports_here(e):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as e:
-        if not lost_a_peer(e):
-            raise  # a bug: the traceback says where
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: rank {dist.get_rank()}: lost another process of the run ({first})", file=sys.stderr,
-              flush=True)
-        return 1
-    finally:
-        teardown()
-    return 0
+        run = demonstration if compare else finetune
+        run(cfg, resume=resume, stop_after=stop_after)
+
+    return run_entry_point(__doc__, PRESETS, argv, body)
 
 
 def _compare_flag(args: list[str]) -> bool | None:

@@ -14,43 +14,17 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
 
 def main(argv: list[str] | None = None) -> int:
-    from sslam_fast.checkpoint import CheckpointError
-    from sslam_fast.data import DataError
-    from sslam_fast.train import ConfigError, load_config
-    from sslam_fast.train.config import PRESETS, config_help
-    from sslam_fast.train.distributed import teardown
-    from sslam_fast.train.loop import TrainingError, train
-    from sslam_fast.train.runtime import lost_a_peer, reports_here, split_run_flags
+    from sslam_fast.train import load_config
+    from sslam_fast.train.config import PRESETS
+    from sslam_fast.train.loop import train
+    from sslam_fast.train.runtime import run_entry_point
 
-    try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        text = config_help(__doc__, PRESETS, argv)
-        if text is not None:
-            print(text)
-            return 0
-        args, resume, stop_after = split_run_flags(argv)
-        cfg = load_config(args)
-        train(cfg, resume=resume, stop_after=stop_after)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        if reports_here(e):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as e:
-        if not lost_a_peer(e):
-            raise  # a bug: the traceback says where
-        # Another process of the run died (killed, out of memory) and this one lost it in a collective: not a bug of
-        # this process. torchrun stops the group, and restarts it from the last checkpoint if --max-restarts allows.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: rank {dist.get_rank()}: lost another process of the run ({first})", file=sys.stderr,
-              flush=True)
-        return 1
-    finally:
-        teardown()
-    return 0
+    def body(args: list[str], resume: bool, stop_after: int | None) -> None:
+        train(load_config(args), resume=resume, stop_after=stop_after)
+
+    return run_entry_point(__doc__, PRESETS, argv, body)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ __all__ = [
     "record_bad_files",
     "remove_if_empty",
     "reported_elsewhere",
+    "run_entry_point",
     "trim_metrics",
 ]
 
@@ -266,3 +267,40 @@ def reports_here(e: Exception) -> bool:
     if mark is not None:
         return bool(mark)
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_entry_point(doc: str, presets: dict, argv: list[str] | None, body) -> int:
+    """The ``main`` of ``train.py`` and ``finetune.py``: ``--help`` prints ``doc`` and the settings; otherwise
+    ``body(args, resume, stop_after)`` runs on the command line without ``--resume`` / ``--stop_after``. Returns the
+    exit code: 0; 2 after one ``error: ...`` line for a configuration, data, checkpoint or training error (on the
+    process that reports it, see :func:`reports_here`); 1 when this rank lost another process of the run (torchrun
+    ``--max-restarts`` then restarts the group from the last checkpoint). Any other exception is a bug and propagates
+    with its traceback. The process group is torn down in every case."""
+    from sslam_fast.checkpoint import CheckpointError
+    from sslam_fast.data import DataError
+    from sslam_fast.train.config import ConfigError, config_help
+    from sslam_fast.train.distributed import teardown
+
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        text = config_help(doc, presets, argv)
+        if text is not None:
+            print(text)
+            return 0
+        body(*split_run_flags(argv))
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        if reports_here(e):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        if not lost_a_peer(e):
+            raise  # a bug: the traceback says where
+        # Another process of the run died (killed, out of memory) and this one lost it in a collective: not a bug of
+        # this process. torchrun stops the group, and restarts it from the last checkpoint if --max-restarts allows.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {dist.get_rank()}: lost another process of the run ({first})", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        teardown()
+    return 0
