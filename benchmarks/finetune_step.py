@@ -1,7 +1,7 @@
 """The fine-tuning step of ``benchmarks/bench_train.py --task finetune``: the upstream-faithful step against sslam_fast,
 eager and under torch.compile.
 
-    python benchmarks/bench_train.py --task finetune --preset tiny --threads 1 --write
+    python benchmarks/bench_train.py --task finetune --preset tiny --threads 1 --write --plot
     python benchmarks/bench_train.py --task finetune --preset base --device cuda --write
     python benchmarks/bench_train.py --task finetune --preset tiny --profile
 
@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import cuda_time_once, machine_line, write_section
+from common import RESULTS, cuda_time_once, machine_line, write_section
 
 from sslam_fast import _backend
 from sslam_fast._checks import value_checks
@@ -284,7 +284,7 @@ class Variant:
             g = self.generator
             x = audio
             if cfg.roll_aug:
-                x = roll_aug(audio.float() * (1.0 / 32768.0), None, g)
+                x = roll_aug(audio, None, g)  # int16 PCM: float32 / 32768, rolled and scaled in one pass
             fb = eat_features(x, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
                               norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
             targets = self.targets
@@ -555,5 +555,13 @@ def main(args, argv, cpu_peak) -> int:
         body = "\n\n".join([f"## Fine-tuning step, preset {args.preset}, device {args.device}",
                             f"{machine}  \ncommand: `{cmd.strip()}`; {notes}", text, f"`{last}`"])
         write_section(f"bench_finetune_{args.preset}_{args.device}", body)
+    if args.plot:  # the speed and memory ratios against (a), beside the table (linked from RESULTS.md with --write)
+        import plots  # imports matplotlib when it draws
+
+        section = f"bench_finetune_{args.preset}_{args.device}"
+        plots.chart_section(section, f"## Fine-tuning step, preset {args.preset}, device {args.device}\n\n{text}",
+                            publish=args.write)
+        if args.write:
+            RESULTS.write_text(plots.add_link(RESULTS.read_text(), section))
     print(last)
     return 0

@@ -87,6 +87,85 @@ def test_roll_aug_full_rows_by_default_and_reproducible():
         roll_aug(audio[0], None, gen())
 
 
+def roll_aug_by_indices(audio: torch.Tensor, lengths, generator) -> torch.Tensor:
+    """roll_aug as per-sample index arithmetic, ``gather(x, (j - offset) mod len)``, from the same draws in the same
+    order: the oracle of the row-window implementation."""
+    from sslam_fast._checks import check_lengths
+    from sslam_fast.finetune.augment import ROLL_GAIN_BETA, _beta
+
+    B, N = audio.shape
+    lengths = check_lengths(lengths, B, N, audio.device)
+    n = lengths.clamp_min(1).unsqueeze(1)
+    offset = torch.randint(0, 2**62, (B, 1), generator=generator, device=audio.device) % n
+    gain = (_beta(ROLL_GAIN_BETA, B, audio, generator) + 0.5).unsqueeze(1)
+    j = torch.arange(N, device=audio.device).unsqueeze(0)
+    src = torch.remainder(j - offset, n)
+    rolled = torch.gather(audio, 1, torch.where(j < n, src, j)) * gain.to(audio.dtype)
+    return torch.where(j < lengths.unsqueeze(1), rolled, audio)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bit patterns (NaN payloads and signed zeros included)."""
+    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+                torch.float64: torch.int64}[a.dtype]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(int_type), b.view(int_type))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_roll_aug_is_bit_identical_to_per_sample_indices(device, dtype):
+    data = gen(11)
+    for trial, (B, N) in enumerate([(64, 37), (33, 1), (16, 4096), (5, 2), (0, 9), (3, 0)]):
+        audio = (torch.randn(B, N, generator=data) * 3).to(dtype)
+        if B * N:  # specials: signed zero, infinities, NaN keep their bits
+            flat = audio.view(-1)
+            flat[torch.randint(0, B * N, (4,), generator=data)] = torch.tensor(
+                [-0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+        audio = audio.to(device)
+        lengths = torch.randint(0, N + 1, (B,), generator=data)
+        lengths[: min(B, 3)] = torch.tensor([0, min(1, N), N])[: min(B, 3)]  # the edges: empty, one sample, full
+        for lens in (lengths.to(device), None, torch.full((B,), N, device=device, dtype=torch.int32)):
+            g_new, g_old = gen(trial, device), gen(trial, device)
+            new, old = roll_aug(audio, lens, g_new), roll_aug_by_indices(audio, lens, g_old)
+            assert same_bits(new, old), (B, N, lens)
+            assert torch.equal(g_new.get_state(), g_old.get_state())  # the same draws, nothing more
+            assert new.data_ptr() != audio.data_ptr() or new.numel() == 0
+    audio = torch.randn(8, 64, generator=data).to(dtype).to(device)  # the comparison sees a different draw
+    assert not same_bits(roll_aug(audio, None, gen(1, device)), roll_aug_by_indices(audio, None, gen(2, device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_roll_aug_of_int16_pcm_is_bit_identical_to_the_float_read(device):
+    """int16 input: the same bits as rolling soundfile's float read ``x / 32768`` (the scale folded into the gain)."""
+    data = gen(12)
+    for trial, (B, N) in enumerate([(64, 37), (16, 4096), (4, 1), (2, 0)]):
+        pcm = torch.randint(-32768, 32768, (B, N), generator=data, dtype=torch.int32).to(torch.int16)
+        if B * N:
+            pcm.view(-1)[:3] = torch.tensor([-32768, 32767, 0], dtype=torch.int16)[: B * N]
+        pcm = pcm.to(device)
+        lengths = torch.randint(0, N + 1, (B,), generator=data)
+        lengths[: min(B, 3)] = torch.tensor([0, min(1, N), N])[: min(B, 3)]
+        for lens in (lengths.to(device), None):
+            g_new, g_old = gen(trial, device), gen(trial, device)
+            new = roll_aug(pcm, lens, g_new)
+            old = roll_aug_by_indices(pcm.float() * (1.0 / 32768.0), lens, g_old)
+            assert new.dtype == torch.float32 and same_bits(new, old), (B, N, lens)
+            assert torch.equal(g_new.get_state(), g_old.get_state())
+    with pytest.raises(TypeError, match="audio"):
+        roll_aug(pcm.to(torch.int32), None, gen())
+
+
+def test_roll_aug_keeps_autograd_through_the_roll():
+    audio = torch.randn(4, 50, requires_grad=True)
+    lengths = torch.tensor([50, 20, 1, 0])
+    out = roll_aug(audio, lengths, gen(4))
+    assert same_bits(out.detach(), roll_aug_by_indices(audio.detach(), lengths, gen(4)))
+    (out * torch.arange(200.0).view(4, 50)).sum().backward()
+    expect = torch.func.vjp(lambda a: roll_aug_by_indices(a, lengths, gen(4)), audio.detach())[1](
+        torch.arange(200.0).view(4, 50))[0]
+    assert torch.equal(audio.grad, expect)
+
+
 # --- noise_aug ----------------------------------------------------------------------------------------------------
 
 
@@ -197,6 +276,17 @@ def test_mixup_lambda_distribution_probability_and_flip_partner():
     ref = np.random.default_rng(4).beta(alpha, alpha, size=20000)
     assert ks_two_sample(mixed, ref) < ks_bound(len(mixed), len(ref))
     assert abs(mixed.mean() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixup_is_the_formula_bit_for_bit(dtype):
+    """x lam + x.flip(0) (1 - lam) with lam cast to the features' dtype, exactly (lam read back from eye targets)."""
+    x = torch.randn(6, 1, 16, 128, generator=gen(3)).to(dtype)
+    x.view(-1)[:3] = torch.tensor([-0.0, float("inf"), float("nan")]).to(dtype)
+    for seed in range(5):
+        xm, tm = mixup(x, torch.eye(6), 0.8, 1.0, gen(seed))
+        lam = tm[0, 0].view(1, 1, 1, 1).to(dtype)  # 1 * lam + 0 * (1 - lam) = lam
+        assert same_bits(xm, x * lam + x.flip(0) * (1 - lam))
 
 
 def test_mixup_prob_and_alpha_extremes_and_errors():

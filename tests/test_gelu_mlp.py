@@ -62,6 +62,32 @@ def test_stores_one_hidden_tensor_not_two():
     assert stored_bytes(ref.gelu_mlp) - stored_bytes(gelu_mlp) == hidden_bytes
 
 
+def test_backward_makes_no_zero_gradient_for_h():
+    """h is the backward's input, not a result: autograd must not fill a (rows, H) tensor of zeros as its gradient
+    (that would be a second hidden-sized buffer alive in the backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Zeros(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zero_, torch.ops.aten.zeros_like,
+                                       torch.ops.aten.new_zeros, torch.ops.aten.fill_):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    args = _inputs((3, 7, 24), hidden=96)
+    out = gelu_mlp(*args)
+    with Zeros() as mode:
+        out.backward(torch.ones_like(out))
+    assert (3, 7, 96) not in mode.shapes and (21, 96) not in mode.shapes, mode.shapes
+    want = torch.autograd.grad(ref.gelu_mlp(*args).sum(), args[0])[0]
+    torch.testing.assert_close(args[0].grad, want, rtol=1e-6, atol=1e-6)
+
+
 def test_partial_requires_grad_and_no_grad():
     x, w1, b1, w2, b2 = _inputs()
     x.requires_grad_(False)

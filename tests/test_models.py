@@ -120,6 +120,28 @@ def test_post_ln_block_formula(run):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_qkv_heads_are_upstreams_views_with_the_same_gradients():
+    """q, k, v are the views upstream's ``permute(2, 0, 3, 1, 4)`` and ``qkv[i]`` give, and the gradients through them
+    (the stacked backward of ``unbind``) are bit for bit those of the indexing form."""
+    torch.manual_seed(0)
+    attn = EATEncoder(ModelConfig.tiny()).blocks[0].attn
+    x = torch.randn(3, 17, 64, requires_grad=True)
+    grads = [torch.randn(3, 4, 17, 16) for _ in range(3)]
+
+    def upstream(x):
+        qkv = attn.qkv(x).reshape(3, 17, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    got, want = attn.qkv_heads(x), upstream(x)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+    params = [x, attn.qkv.weight, attn.qkv.bias]
+    g_got = torch.autograd.grad(got, params, grads)
+    g_want = torch.autograd.grad(want, params, grads)
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("R,H", [(1, 1), (3, 5), (2, 16)], ids=["R1-H1", "R3-H5", "R2-H16"])
 def test_decoder_fast_plain_and_formula(R, H):
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ ROLL_GAIN_BETA = 10.0  # mag = Beta(10, 10) + 0.5 ([E] data/raw_audio_dataset.py
 NOISE_SCALE = 0.1  # fbank + U[0,1)^(T,F) * U[0,1) / 10 ([E] data/raw_audio_dataset.py : __getitem__, noise)
 NOISE_SHIFT = 10  # then a time roll by randint(-10, 10), i.e. -10..9 frames
 MEL_BINS = 128  # SpecAugment's frequency mask bound is 128 * mask_ratio upstream
+PCM_SCALE = 1.0 / 32768.0  # int16 PCM to floats in [-1, 1), as soundfile reads 16-bit files
 
 
 def _rand(shape, like: torch.Tensor, generator) -> torch.Tensor:
@@ -52,21 +53,39 @@ def roll_aug(audio: torch.Tensor, lengths=None, generator: torch.Generator | Non
     + 0.5`` (in [0.5, 1.5], mean 1); samples past ``lengths[b]`` are left as they are.
 
     ``audio`` (B, N) float at the model's sample rate (upstream rolls after resampling to 16 kHz and after the clip
-    mean is removed, which a roll keeps and the gain scales, so it commutes with ``eat_features``' mean removal);
-    ``lengths`` (B,) ints on the same device, None = every row full (their range check is a value check, see
-    ``sslam_fast._checks``). Returns a new (B, N) tensor.
+    mean is removed, which a roll keeps and the gain scales, so it commutes with ``eat_features``' mean removal), or
+    int16 PCM, read as ``audio.float() / 32768`` (soundfile's float read) with that scale folded into the gain: the
+    result is float32 and bit for bit that of the float call on ``audio.float() * (1 / 32768)``, the scale being a
+    power of two. ``lengths`` (B,) ints on the same device, None = every row full (their range check is a value check,
+    see ``sslam_fast._checks``). Returns a new (B, N) tensor.
     """
-    check_tensor("audio", audio, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("audio", audio, ndim=2, dtypes=FLOAT_DTYPES + (torch.int16,))
     check_generator(generator, audio.device.type)
     B, N = audio.shape
+    full = lengths is None
     lengths = check_lengths(lengths, B, N, audio.device)
     n = lengths.clamp_min(1).unsqueeze(1)  # (B, 1); a row of length 0 stays as it is
     offset = torch.randint(0, 2**62, (B, 1), generator=generator, device=audio.device) % n
     gain = (_beta(ROLL_GAIN_BETA, B, audio, generator) + 0.5).unsqueeze(1)
-    j = torch.arange(N, device=audio.device).unsqueeze(0)
-    src = torch.remainder(j - offset, n)  # np.roll: out[j] = w[(j - offset) mod len]
-    rolled = torch.gather(audio, 1, torch.where(j < n, src, j)) * gain.to(audio.dtype)
-    return torch.where(j < lengths.unsqueeze(1), rolled, audio)
+    pcm = audio.dtype == torch.int16
+    gain = gain * PCM_SCALE if pcm else gain.to(audio.dtype)  # x * (g / 32768) = (x / 32768) * g: both exact scalings
+    if N == 0:
+        return audio.float() if pcm else audio.clone()
+    rows = torch.arange(B, device=audio.device)
+    # np.roll: out[j] = w[(j - offset) mod len], read as one row window per clip instead of per-sample indices. With
+    # z = [y, x] (2N samples) and y[i] = x[i - (N - len)] for i >= N - len (the valid part right-aligned), the window
+    # z[N - offset : 2N - offset] holds x[j - offset] for offset <= j < len and x[len - offset + j] for j < offset.
+    z = torch.cat([audio, audio], 1)
+    if not full:  # y = [x, x][len : len + N]; a full row has y = x, z = [x, x]
+        z[:, :N] = z.unfold(1, N, 1)[rows, lengths]
+    start = N - offset.squeeze(1)  # in [N - len + 1, N] (N where offset = 0): one of z's N + 1 windows
+    window = z.unfold(1, N, 1)[rows, start]
+    rolled = window * gain if pcm else window.mul_(gain)  # int16 * float32 -> float32; else a new tensor, in place
+    if full:
+        return rolled
+    keep = torch.arange(N, device=audio.device) < lengths.unsqueeze(1)
+    rest = audio * PCM_SCALE if pcm else audio
+    return torch.where(keep, rolled, rest, out=None if audio.requires_grad else rolled)  # out= has no autograd
 
 
 def noise_aug(fbank: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -107,7 +126,7 @@ def spec_augment(fbank: torch.Tensor, mask_ratio: float, generator: torch.Genera
 
     freq = span(Fb, MEL_BINS * r).view(B, 1, 1, Fb)
     time = span(T, T * r).view(B, 1, T, 1)
-    return fbank.masked_fill(freq | time, 0.0)
+    return torch.where(freq | time, 0.0, fbank)  # masked_fill(freq | time, 0), faster on the CPU
 
 
 def mixup(fbank: torch.Tensor, targets: torch.Tensor, alpha: float, prob: float,
@@ -132,7 +151,8 @@ def mixup(fbank: torch.Tensor, targets: torch.Tensor, alpha: float, prob: float,
     lam = torch.where(u < p, _beta(a, 1, fbank, generator), 1.0)  # (1,)
     lam_x = lam.to(fbank.dtype).view((1,) * fbank.dim())
     lam_t = lam.to(targets.dtype).view(1, 1)
-    return fbank * lam_x + fbank.flip(0) * (1 - lam_x), targets * lam_t + targets.flip(0) * (1 - lam_t)
+    mixed = (fbank * lam_x).add_(fbank.flip(0).mul_(1 - lam_x))  # lam x + (1 - lam) x.flip(0), in new buffers
+    return mixed, targets * lam_t + targets.flip(0) * (1 - lam_t)
 
 
 def smooth_targets(targets: torch.Tensor, eps: float, multilabel: bool) -> torch.Tensor:

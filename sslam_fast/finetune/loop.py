@@ -120,9 +120,9 @@ class _Stepper:
         targets = self.targets[idx]  # (B, C) rows of the host table: only they travel
         targets = (targets.pin_memory() if self.env.cuda else targets).to(device, non_blocking=True)
         if cfg.roll_aug:
-            if not audio.is_floating_point():
-                audio = audio.float() * (1.0 / 32768.0)  # int16 PCM as soundfile reads it
-            audio = roll_aug(audio, lengths, g)
+            if not audio.is_floating_point() and audio.dtype != torch.int16:
+                audio = audio.float() * (1.0 / 32768.0)  # integer PCM as soundfile reads it
+            audio = roll_aug(audio, lengths, g)  # int16 PCM: read as floats / 32768 in the same pass
         fb = eat_features(audio, lengths, sample_rate=cfg.sample_rate, target_length=cfg.target_length,
                           norm_mean=cfg.norm_mean, norm_std=cfg.norm_std)
         if cfg.noise_aug:

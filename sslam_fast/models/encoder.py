@@ -60,10 +60,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, C) -> q, k, v as (B, heads, L, C / heads) views of one qkv projection (upstream's permute)."""
+        """(B, L, C) -> q, k, v as (B, heads, L, C / heads) views of one qkv projection: the same views as upstream's
+        ``permute(2, 0, 3, 1, 4)`` then ``qkv[0], qkv[1], qkv[2]`` (``[E] models/modules.py : AltAttention``), taken
+        with ``unbind``, whose backward stacks the three gradients straight into the projection's (B, L, 3, heads,
+        C / heads) layout: one copy, where three indexing backwards each fill a zero tensor of the whole qkv size,
+        add them and copy the sum back to that layout. The gradients are the same numbers."""
         B, L, C = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape

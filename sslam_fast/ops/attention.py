@@ -222,10 +222,13 @@ def _save(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.mark_non_differentiable(lse)  # a statistic for the backward, not a differentiable output
+    ctx.set_materialize_grads(False)  # lse's gradient is never read: no tensor of zeros for it
 
 
 def _grads(ctx, run_backward, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:  # the output's gradient is zero (not materialised)
+        return None, None, None
     dq, dk, dv = run_backward(grad_out, q, k, v, out, lse)
     return dq, dk, dv
 

@@ -59,12 +59,13 @@ def _save(ctx, inputs, output):
     out, h = output
     ctx.save_for_backward(x, w1, w2, h)
     ctx.mark_non_differentiable(h)  # the backward's input, not a result
+    ctx.set_materialize_grads(False)  # h's gradient is never read: no (rows, H) tensor of zeros for it
 
 
 def _grads(ctx, run_backward, grad, grad_h):
     x, w1, w2, h = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])  # (x, w1, b1, w2, b2), then the backend; False for an absent bias
-    if not any(need):
+    if grad is None or not any(need):  # None: the output's gradient is zero (not materialised)
         return None, None, None, None, None
     return tuple(run_backward(grad, x, w1, w2, h, need))
 
