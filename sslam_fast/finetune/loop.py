@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from sslam_fast.train.runtime import (
     NoReadableFile,
     Progress,
     TrainingError,
+    agree_before_update,
     gather,
     on_main,
     open_run_dir,
@@ -285,21 +285,10 @@ def _run(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None
                     batch, n_good, no_data = None, 0, str(e)
                 stats.data_s += time.perf_counter() - t0
                 bad_seen.update(dict.fromkeys(bad))
-                flags = torch.tensor([stop.requested, n_good, len(bad), no_data is not None], dtype=torch.float64)
-                stopping, n_good, n_bad, n_no_data = (int(v) for v in env.all_reduce_(flags).tolist())
-                if n_no_data:
-                    failure = "no_data"
+                failure, stop_reason = agree_before_update(env, stop, n_good, len(bad), no_data is not None, monitor,
+                                                           counters)
+                if failure or stop_reason:
                     break
-                if stopping:
-                    stop_reason = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
-                    break
-                monitor.add(n_good, n_bad)
-                if monitor.exceeded():
-                    failure = "bad_files"
-                    break
-                counters["good_files"] += n_good
-                counters["bad_files"] += n_bad
-                counters["clips"] += n_good
                 with value_checks(step == first_step):
                     stepper.run(step, batch, stats)
                 step += 1

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from sslam_fast.train.runtime import (
     NoReadableFile,
     Progress,
     TrainingError,
+    agree_before_update,
     check_run_dir,
     gather,
     on_main,
@@ -388,24 +388,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 micro_batches, n_good, no_data = stepper.fetch(batches, bad)
                 stats.data_s += time.perf_counter() - t0
                 bad_seen.update(dict.fromkeys(bad))
-                # Host bookkeeping, summed over ranks on the CPU (gloo) before the update: every rank sees the same
-                # totals and stops at the same point, never inside an update that another rank does not make. A stop
-                # here leaves the batches just fetched (and their counts) to the resumed run: position is before them.
-                flags = torch.tensor([stop.requested, n_good, len(bad), no_data is not None], dtype=torch.float64)
-                stopping, n_good, n_bad, n_no_data = (int(v) for v in env.all_reduce_(flags).tolist())
-                if n_no_data:
-                    failure = "no_data"
+                # every rank agrees on going on before the update (the position saved on a stop is before it)
+                failure, stop_reason = agree_before_update(env, stop, n_good, len(bad), no_data is not None, monitor,
+                                                           counters)
+                if failure or stop_reason:
                     break
-                if stopping:
-                    stop_reason = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
-                    break
-                monitor.add(n_good, n_bad)
-                if monitor.exceeded():
-                    failure = "bad_files"
-                    break
-                counters["good_files"] += n_good
-                counters["bad_files"] += n_bad
-                counters["clips"] += n_good  # each readable file is one clip of this update, on some rank
                 with value_checks(step == first_step):
                     stepper.run(step, micro_batches, stats, check_values=step == first_step)
                 step += 1

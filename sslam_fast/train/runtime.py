@@ -33,6 +33,7 @@ __all__ = [
     "remove_if_empty",
     "reported_elsewhere",
     "run_entry_point",
+    "agree_before_update",
     "trim_metrics",
 ]
 
@@ -304,3 +305,30 @@ def run_entry_point(doc: str, presets: dict, argv: list[str] | None, body) -> in
     finally:
         teardown()
     return 0
+
+
+def agree_before_update(env: DistEnv, stop, n_good: int, n_bad: int, no_data: bool, monitor,
+                        counters: dict) -> tuple[str | None, str | None]:
+    """The host bookkeeping of one update, summed over the ranks on the CPU (gloo) before it starts, so that every rank
+    sees the same totals and stops at the same point, never inside an update that another rank does not make: this
+    rank's readable and unreadable files of the update, whether its loader ran dry (``no_data``) and whether it was
+    asked to stop (``stop``: a :class:`sslam_fast.train.state.GracefulExit`). Returns ``(failure, stop_reason)``:
+    ``("no_data" | "bad_files", None)``, ``(None, signal name)``, or ``(None, None)`` to go on, in which case the
+    totals were added to ``monitor`` (:class:`sslam_fast.data.BadFileMonitor`) and to ``counters`` (``good_files``,
+    ``bad_files``, ``clips``: each readable file is one clip). A stop leaves the update's batches and counts to the
+    resumed run."""
+    import signal
+
+    flags = torch.tensor([stop.requested, n_good, n_bad, no_data], dtype=torch.float64)
+    stopping, n_good, n_bad, n_no_data = (int(v) for v in env.all_reduce_(flags).tolist())
+    if n_no_data:
+        return "no_data", None
+    if stopping:
+        return None, signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+    monitor.add(n_good, n_bad)
+    if monitor.exceeded():
+        return "bad_files", None
+    counters["good_files"] += n_good
+    counters["bad_files"] += n_bad
+    counters["clips"] += n_good
+    return None, None
