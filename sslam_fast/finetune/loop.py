@@ -58,8 +58,8 @@ from sslam_fast.train.runtime import (
     gather,
     on_main,
     open_run_dir,
-    record_bad_files,
     remove_if_empty,
+    settle_bad_files,
 )
 from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
 
@@ -193,7 +193,7 @@ def _evaluate(model, data, cfg, env) -> dict:
 
 def _run(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None, synthetic_root: Path) -> dict:
     """One fine-tuning (or ``linear="true"``) run in ``cfg.run_dir``; returns its summary."""
-    from sslam_fast.data import BadFileMonitor, DataError, collate
+    from sslam_fast.data import BadFileMonitor, collate
 
     run_dir = Path(cfg.run_dir)
     prepare(cfg, env, synthetic_root)
@@ -317,21 +317,8 @@ def _run(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None
     if saved:
         _save_last(run_dir, cfg, model, optimizer, scheduler, step, position,
                    {"counters": dict(counters), "evals": dict(evals)}, env)
-    gathered = gather(env, (list(bad_seen), no_data))
-    bad_names = list(dict.fromkeys(name for names, _ in gathered for name in names))
-    if env.is_main and bad_names:
-        bad_names = record_bad_files(run_dir / "bad_files.txt", bad_names)
-    if failure is not None:
-        note = (f"; saved {run_dir / 'checkpoint_last.pt'}: fix the data, then resume with the same command"
-                if saved else "")
-        if failure == "no_data":
-            msgs = [m if env.world == 1 else f"rank {r}: {m}" for r, (_, m) in enumerate(gathered) if m]
-            err: Exception = DataError("; ".join(msgs) + note)
-        else:
-            err = DataError(str(monitor.error(bad_names)) + note)
-        if env.is_main and created:
-            remove_if_empty(run_dir)
-        raise err
+    note = f"; saved {run_dir / 'checkpoint_last.pt'}: fix the data, then resume with the same command" if saved else ""
+    bad_names = settle_bad_files(env, run_dir, bad_seen, no_data, failure, monitor, note, created)
     elapsed = time.perf_counter() - t_run
     metric = "mAP" if cfg.multilabel else "accuracy"
     summary = {"summary": True, "steps": step, "metric": metric, "final": evals["last"], "best": evals["best"],

@@ -33,11 +33,10 @@ from sslam_fast.train.runtime import (
     TrainingError,
     agree_before_update,
     check_run_dir,
-    gather,
     on_main,
     open_run_dir,
-    record_bad_files,
     remove_if_empty,
+    settle_bad_files,
 )
 from sslam_fast.train.state import GracefulExit, capture_rng_state, find_latest_checkpoint, restore_rng_state
 from sslam_fast.train.stats import TERMS, StepStats
@@ -423,23 +422,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     saved = failure is None or step > first_step
     if saved:
         _save(run_dir, cfg, model, optimizer, scheduler, step, position, counters, env)
-    gathered = gather(env, (list(bad_seen), no_data))  # unreadable files and data errors of every rank
-    bad_names = list(dict.fromkeys(name for names, _ in gathered for name in names))
-    if env.is_main and bad_names:
-        bad_names = record_bad_files(run_dir / "bad_files.txt", bad_names)
-    if failure is not None:
-        from sslam_fast.data import DataError
-
-        note = (f"; saved checkpoint_{step}.pt: fix the data, then resume with the same command" if saved and step
-                else "")
-        if failure == "no_data":
-            msgs = [m if env.world == 1 else f"rank {r}: {m}" for r, (_, m) in enumerate(gathered) if m]
-            err: Exception = DataError("; ".join(msgs) + note)
-        else:
-            err = DataError(str(monitor.error(bad_names)) + note)
-        if env.is_main and created:
-            remove_if_empty(run_dir)
-        raise err
+    note = f"; saved checkpoint_{step}.pt: fix the data, then resume with the same command" if saved and step else ""
+    bad_names = settle_bad_files(env, run_dir, bad_seen, no_data, failure, monitor, note, created)
     elapsed = time.perf_counter() - t_run
     last_loss = float(stepper.last_terms[3]) if stepper.last_terms is not None else float("nan")
     summary = {"summary": True, "steps": step, "clips_per_s": stats.clips_seen / max(elapsed, 1e-9),

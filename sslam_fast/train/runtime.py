@@ -34,6 +34,7 @@ __all__ = [
     "reported_elsewhere",
     "run_entry_point",
     "agree_before_update",
+    "settle_bad_files",
     "trim_metrics",
 ]
 
@@ -332,3 +333,27 @@ def agree_before_update(env: DistEnv, stop, n_good: int, n_bad: int, no_data: bo
     counters["bad_files"] += n_bad
     counters["clips"] += n_good
     return None, None
+
+
+def settle_bad_files(env: DistEnv, run_dir: Path, bad_seen, no_data: str | None, failure: str | None, monitor,
+                     note: str, created: bool) -> list[str]:
+    """The data outcome of a run, after its loop (on every rank): the unreadable files of all ranks, listed once each
+    in ``<run_dir>/bad_files.txt`` by rank 0 and returned (as recorded there); for a ``failure`` (``"no_data"``: each
+    rank's ``no_data`` message; ``"bad_files"``: the ``monitor``'s verdict) a ``DataError`` with ``note`` appended is
+    raised instead, after rank 0 has removed ``run_dir`` if this run ``created`` it and left it empty."""
+    from sslam_fast.data import DataError
+
+    gathered = gather(env, (list(bad_seen), no_data))
+    bad_names = list(dict.fromkeys(name for names, _ in gathered for name in names))
+    if env.is_main and bad_names:
+        bad_names = record_bad_files(run_dir / "bad_files.txt", bad_names)
+    if failure is None:
+        return bad_names
+    if failure == "no_data":
+        msgs = [m if env.world == 1 else f"rank {r}: {m}" for r, (_, m) in enumerate(gathered) if m]
+        err = DataError("; ".join(msgs) + note)
+    else:
+        err = DataError(str(monitor.error(bad_names)) + note)
+    if env.is_main and created:
+        remove_if_empty(run_dir)
+    raise err
