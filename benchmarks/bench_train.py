@@ -77,19 +77,18 @@ import copy
 import ctypes
 import gc
 import json
-import math
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_step  # noqa: E402
-from common import RESULTS, cuda_time_once, machine_line, upstream_fbank_loop, write_section  # noqa: E402
+import step_bench as sb  # noqa: E402
+from common import machine_line, upstream_fbank_loop  # noqa: E402
 
 from sslam_fast import _backend  # noqa: E402
 from sslam_fast._checks import value_checks  # noqa: E402
@@ -101,11 +100,9 @@ from sslam_fast.reference import model as refm  # noqa: E402
 from sslam_fast.train.optim import param_groups  # noqa: E402
 
 FLOP_PER_CLIP = 1.08e12  # base model, stage 1 (PERF.md)
-BF16_FLOP_S = 989e12  # H100 SXM dense bf16
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP_NORM = 5e-5, (0.9, 0.95), 1e-8, 0.05, 4.0
 SEED = 0
 MEMORY_TAG = "MEMORY_CHILD_RESULT "
-PROFILE_STEPS = 3
 
 # key: (label, fast path, loss under torch.compile)
 VARIANTS = {
@@ -145,12 +142,8 @@ def make_setup(preset: str, stage: str, batch: int, device: torch.device) -> Set
 
 
 def make_audio(s: Setup) -> torch.Tensor:
-    """(B, samples) int16 PCM on the device: a few tones per clip plus noise, at a moderate level."""
-    g = torch.Generator().manual_seed(SEED)
-    t = torch.arange(s.samples, dtype=torch.float32) / 16000
-    freqs = 100 + 3900 * torch.rand(s.batch, 3, 1, generator=g)
-    x = 0.1 * torch.sin(2 * math.pi * freqs * t).sum(1) + 0.05 * torch.randn(s.batch, s.samples, generator=g)
-    return (x * 32768).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
+    """(B, samples) int16 PCM on the device (``step_bench.synthetic_audio``)."""
+    return sb.synthetic_audio(s.batch, s.samples, s.device, SEED)
 
 
 def initial_model(s: Setup) -> PretrainingModel:
@@ -168,12 +161,11 @@ def _windows(s: Setup):
 # --- one variant ------------------------------------------------------------------------------------------------------
 
 
-class Variant:
+class Variant(sb.StepVariant):
     """One variant's model copy, optimizer and step function."""
 
     def __init__(self, key: str, s: Setup, model0: PretrainingModel):
-        self.key, self.s = key, s
-        self.label, self.fast, self.compiled = VARIANTS[key]
+        super().__init__(key, s, VARIANTS)
         self.model = copy.deepcopy(model0).train()
         groups = param_groups(self.model, WEIGHT_DECAY)
         self.params = [p for g in groups for p in g["params"]]
@@ -186,10 +178,6 @@ class Variant:
         self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, **kw)
         # fairseq's clip_grad_norm_ on CUDA: apex's multi-tensor L2 norm (see the docstring); on the CPU a loop
         self.foreach_clip = self.fast or s.cuda
-        # (a) and (b) on CUDA: fbank and masks come from upstream's CPU DataLoader workers, outside the GPU step
-        self.workers = s.cuda and not self.fast
-        self.worker_times: list[tuple[float, float]] = []  # (fbank s, masks s) per timed step, for the whole batch
-        self._last_worker: tuple[float, float] | None = None
         model, fast = self.model, self.fast
         # the fast variants run as the trainer's steady-state step does: the kept count known from the mask
         # generator, the windows as a device tensor, no value checks (nothing read back to the host)
@@ -201,11 +189,6 @@ class Variant:
             return refm.losses(model, source, masks, windows)
 
         self.loss_fn = torch.compile(loss_fn) if self.compiled else loss_fn
-        self.n = 0  # optimizer steps done
-        self.times: list[float] = []
-        self.first_loss: float | None = None
-        self.peak: int | None = None
-        self.note = ""  # "failed: ..." / "skipped (...)"
 
     def _mask_kw(self, n: int, device: torch.device) -> dict:
         cfg = self.s.cfg
@@ -216,22 +199,19 @@ class Variant:
     def prepare(self, audio: torch.Tensor, n: int | None = None):
         """What upstream's CPU DataLoader workers hand the GPU step of (a) / (b) for step ``n`` (default: the next):
         (source, masks) on the device, computed on the CPU at 1 thread; None for every other variant and on the CPU,
-        where the step computes them itself. Not part of the timed step; the CPU time is kept in ``_last_worker``."""
+        where the step computes them itself. Not part of the timed step; the CPU time is kept in ``_last_worker``
+        as (fbank s, masks s) for the whole batch."""
         if not self.workers:
             return None
         s = self.s
         n = self.n if n is None else n
         audio_cpu = audio.cpu()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # torch runs one thread per DataLoader worker process
-        try:
+        with sb.worker_threads():
             t0 = time.perf_counter()
             source = upstream_fbank_loop(audio_cpu, s.target_length)
             t1 = time.perf_counter()
             masks = ref_masks.inverse_block_mask(s.batch, s.cfg.clones, **self._mask_kw(n, torch.device("cpu")))
             t2 = time.perf_counter()
-        finally:
-            torch.set_num_threads(threads)
         self._last_worker = (t1 - t0, t2 - t1)
         return source.to(s.device), masks.to(s.device)
 
@@ -264,32 +244,6 @@ class Variant:
         self.opt.step()
         self.n += 1
         return loss.detach()
-
-    def timed_step(self, audio: torch.Tensor) -> None:
-        if self.s.cuda:
-            prepared = self.prepare(audio)  # upstream's workers, outside the timed region (None for (c) / (d))
-            self.times.append(cuda_time_once(lambda: self.step(audio, prepared)))
-            if prepared is not None:
-                self.worker_times.append(self._last_worker)
-            return
-        t0 = time.perf_counter()
-        self.step(audio)
-        self.times.append(time.perf_counter() - t0)
-
-    def cuda_peak(self, audio: torch.Tensor) -> int:
-        self.opt.zero_grad(set_to_none=True)
-        prepared = self.prepare(audio)  # the workers' batch arrives before the step, as in upstream
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        self.step(audio, prepared)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
-    return f"failed: {type(exc).__name__}: {msg}".replace("|", "/")  # keep the markdown table intact
 
 
 # --- CPU peak memory in a fresh process -------------------------------------------------------------------------------
@@ -348,163 +302,35 @@ def loss_agreement(s: Setup, model0: PretrainingModel, audio: torch.Tensor) -> d
                                mask_prob_adjust=cfg.mask_prob_adjust, generator=torch.Generator().manual_seed(SEED),
                                device=s.device)
     windows = _windows(s)
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            plain = refm.losses(model, source, masks, windows, mask_noise_std=0.0)
-            fast = model.losses(source, masks, windows, mask_noise_std=0.0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    rel = {}
-    for k in plain:
-        a, b = float(plain[k]), float(fast[k])
-        rel[k] = 0.0 if a == b else abs(a - b) / max(abs(a), abs(b))
-    return rel
+    with sb.no_tf32(), torch.no_grad():
+        plain = refm.losses(model, source, masks, windows, mask_noise_std=0.0)
+        fast = model.losses(source, masks, windows, mask_noise_std=0.0)
+    return {k: sb.rel_diff(float(plain[k]), float(fast[k])) for k in plain}
 
 
 # --- one stage --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StageResult:
-    setup: Setup
-    variants: list[Variant]
-    agreement: dict[str, float] = field(default_factory=dict)
-    profiles: list[tuple[str, str]] = field(default_factory=list)
-
-
-def run_stage(args, stage: str, device: torch.device) -> StageResult:
+def run_stage(args, stage: str, device: torch.device) -> sb.StepResult:
     s = make_setup(args.preset, stage, args.batch, device)
     model0 = initial_model(s)
     audio = make_audio(s)
     torch._dynamo.reset()  # each stage compiles its own graphs
     variants = [Variant(k, s, model0) for k in VARIANTS]
-    for v in variants:
-        if v.compiled and args.quick:
-            v.note = "skipped (--quick)"
-    active = [v for v in variants if not v.note]
-
-    print(f"[{stage}] warm-up: {args.warmup} step(s) per variant", flush=True)
-    for v in active:
-        try:
-            for i in range(args.warmup):  # the first step gives the first-step loss (and compiles)
-                loss = v.step(audio)
-                if i == 0:
-                    v.first_loss = float(loss)
-        except Exception as exc:  # noqa: BLE001 - a compile failure is reported in the table, never hidden
-            if not v.compiled:
-                raise
-            v.note = _short(exc)
-            print(f"  {v.label}: {v.note}", flush=True)
-    active = [v for v in active if not v.note]
-    print(f"[{stage}] timing: {args.steps} round(s) of {len(active)} variant(s)", flush=True)
-    for _ in range(args.steps):
-        for v in list(active):
-            try:
-                v.timed_step(audio)
-            except Exception as exc:  # noqa: BLE001
-                if not v.compiled:
-                    raise
-                v.note, v.times = _short(exc), []
-                active.remove(v)
-
-    for v in active:
-        if s.cuda:
-            v.peak = v.cuda_peak(audio)
-        else:
-            try:
-                v.peak = cpu_peak(args, stage, v.key)
-            except RuntimeError as exc:
-                if not v.compiled:
-                    raise
-                print(f"  {v.label}: peak memory {_short(exc)}", flush=True)
-    result = StageResult(s, variants, loss_agreement(s, model0, audio))
-    if args.profile is not None:
-        result.profiles = profile(s, [v for v in variants if v.key in ("a", "c")], audio)
-    return result
-
-
-def profile(s: Setup, variants: list[Variant], audio: torch.Tensor) -> list[tuple[str, str]]:
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if s.cuda else [])
-    sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
-    out = []
-    for v in variants:
-        batches = [v.prepare(audio, v.n + i) for i in range(PROFILE_STEPS)]  # upstream's workers: not profiled
-        with torch.profiler.profile(activities=acts) as prof:
-            for prepared in batches:
-                v.step(audio, prepared)
-            if s.cuda:
-                torch.cuda.synchronize()
-        out.append((v.label, prof.key_averages().table(sort_by=sort, row_limit=25)))
-    return out
+    return sb.measure(s, variants, audio, args, stage, lambda key: cpu_peak(args, stage, key),
+                      lambda: loss_agreement(s, model0, audio))
 
 
 # --- report -----------------------------------------------------------------------------------------------------------
 
 
-def median_s(v: Variant) -> float | None:
-    return statistics.median(v.times) if v.times else None
-
-
-def stage_table(r: StageResult) -> str:
+def stage_text(r: sb.StepResult) -> str:
+    """One stage's markdown: its title, the table, the CPU-worker line (CUDA) and the loss-agreement line."""
     s = r.setup
-    head = ["variant", "ms / step", "clips/s", "vs (a)", "peak MiB", "peak MiB / clip", "first-step loss"]
-    if s.cuda:
-        head.append("bf16 roofline share")
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    t_ref = median_s(r.variants[0])
-    for v in r.variants:
-        t = median_s(v)
-        if t is None:
-            lines.append("| " + " | ".join([v.label, v.note] + ["-"] * (len(head) - 2)) + " |")
-            continue
-        rate = s.batch / t
-        rate_s = f"{rate:.2f}" if rate >= 1 else f"{rate:.3g}"  # base on a CPU runs at a few hundredths
-        cells = [v.label, f"{1e3 * t:.1f}", rate_s, f"{t_ref / t:.2f}x" if t_ref else "-",
-                 "-" if v.peak is None else f"{v.peak / 2**20:.1f}",
-                 "-" if v.peak is None else f"{v.peak / 2**20 / s.batch:.2f}",
-                 "-" if v.first_loss is None else f"{v.first_loss:.4f}"]
-        if s.cuda:
-            cells.append(f"{100 * rate * FLOP_PER_CLIP / BF16_FLOP_S:.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def worker_line(r: StageResult) -> str | None:
-    """On CUDA: upstream's CPU DataLoader-worker time per clip, which (a) and (b) do not pay inside their GPU step, and
-    the worker cores needed to keep up with (a). None where no variant ran with workers (the CPU, or none timed)."""
-    times = [t for v in r.variants if v.workers for t in v.worker_times]
-    if not times:
-        return None
-    batch = r.setup.batch
-    fbank = statistics.median(t[0] for t in times) / batch
-    masks = statistics.median(t[1] for t in times) / batch
-    t_a = median_s(r.variants[0])
-    feed = (f"; feeding (a) at {batch / t_a:.1f} clips/s needs >= {(fbank + masks) * batch / t_a:.1f} worker cores "
-            "per GPU") if t_a else ""
-    return (f"CPU worker time per clip (upstream's DataLoader workers, 1 thread; outside the timed GPU step of (a) and "
-            f"(b)): fbank {1e3 * fbank:.2f} ms + masks {1e3 * masks:.2f} ms = {1e3 * (fbank + masks):.2f} ms{feed}")
-
-
-def stage_title(r: StageResult, args) -> str:
-    s = r.setup
-    return (f"### {STAGE_TITLES[s.stage]} ({s.stage}), preset {s.preset}, batch {s.batch}, clones {s.cfg.clones}, "
-            f"{s.samples / 16000:g} s clips, device {s.device.type}")
-
-
-def agreement_line(r: StageResult) -> str:
-    terms = " ".join(f"{k}={v:.1e}" for k, v in r.agreement.items())
-    return (f"loss agreement [{r.setup.stage}] (fp32, identical weights/inputs/masks, mask_noise_std=0), "
-            f"max rel diff fast vs plain: {terms}; max={max(r.agreement.values()):.1e}")
-
-
-def final_line(results: list[StageResult]) -> str:
-    r = next((r for r in results if r.setup.stage == "sslam"), results[0])
-    a, c = r.variants[0], r.variants[2]
-    speed = median_s(a) / median_s(c)  # clips/s ratio c / a = time ratio a / c
-    mem = (c.peak / a.peak) if (a.peak and c.peak is not None) else float("nan")
-    return f"fast/reference: speedup={speed:.2f}x memory={mem:.2f}x"
+    title = (f"### {STAGE_TITLES[s.stage]} ({s.stage}), preset {s.preset}, batch {s.batch}, clones {s.cfg.clones}, "
+             f"{s.samples / 16000:g} s clips, device {s.device.type}")
+    return sb.result_text(r, title, FLOP_PER_CLIP, ("fbank", "masks"),
+                          f"[{s.stage}] (fp32, identical weights/inputs/masks, mask_noise_std=0)")
 
 
 def main(argv=None) -> int:
@@ -551,64 +377,29 @@ def main(argv=None) -> int:
         p.error("--steps and --warmup must be >= 1")
     # (b) and (d) share the code object of the loss closure: one cache entry per model copy and path
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    argv = argv if argv is not None else sys.argv[1:]
     if args.task == "finetune":
-        return finetune_step.main(args, argv if argv is not None else sys.argv[1:],
-                                  lambda key: cpu_peak(args, "finetune", key))
+        return finetune_step.main(args, argv, lambda key: cpu_peak(args, "finetune", key))
     device = torch.device(args.device)
 
     machine = machine_line()
     print(machine, flush=True)
     fbank_be = _backend.base_name(_backend.resolve("eat_features", "auto", device))
     mask_be = _backend.base_name(_backend.resolve("inverse_block_mask", "auto", device))
-    notes = (f"threads {torch.get_num_threads()}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-             f"median of {args.steps} round-robin steps after {args.warmup} warm-up step(s) per variant"
-             f"{' (--quick)' if args.quick else ''}; fast path: eat_features[{fbank_be}], "
-             f"inverse_block_mask[{mask_be}]; peak = "
-             + ("max_memory_allocated above the step's start" if device.type == "cuda"
-                else "peak RSS above the step's start, fresh process per variant (see the docstring)"))
-    if device.type == "cuda":
-        notes += ("; step times from CUDA events; (a) and (b) as upstream on a GPU: fbank and masks from CPU workers "
-                  "outside the step (their time below each table), fused AdamW, multi-tensor clipping")
+    notes = sb.notes_line(args, device, f"eat_features[{fbank_be}], inverse_block_mask[{mask_be}]",
+                          " (see the docstring)", "fbank and masks from CPU workers outside the step (their time below "
+                          "each table), fused AdamW, multi-tensor clipping")
     print(notes, flush=True)
     stages = ["sslam", "eat"] if args.stage == "both" else [args.stage]
     results = [run_stage(args, st, device) for st in stages]
-
-    blocks = []
-    for r in results:
-        workers = worker_line(r)
-        blocks.append("\n\n".join([stage_title(r, args), stage_table(r), *([workers] if workers else []),
-                                    agreement_line(r)]))
-    text = "\n\n".join(blocks)
-    print()
-    print(text)
-    if args.profile is not None:
-        path = Path(args.profile) if args.profile else (
-            Path(__file__).resolve().parent / "profiles" / f"train_{args.preset}_{args.device}.txt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parts = [machine]
-        for r in results:
-            for label, table in r.profiles:
-                parts.append(f"## {STAGE_TITLES[r.setup.stage]}: {label}, {PROFILE_STEPS} steps, top 25 by self time"
-                             f"\n\n{table}")
-        path.write_text("\n\n".join(parts) + "\n")
-        print("\n\n".join(parts[1:]))
-        print(f"profile written to {path}")
-    last = final_line(results)
-    if args.write:
-        cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        body = "\n\n".join([f"## Train step, preset {args.preset}, device {args.device}",
-                            f"{machine}  \ncommand: `{cmd.strip()}`; {notes}", text, f"`{last}`"])
-        write_section(f"bench_train_{args.preset}_{args.device}", body)
-    if args.plot:
-        import plots  # imports matplotlib when it draws
-
-        section = f"bench_train_{args.preset}_{args.device}"
-        plots.chart_section(section, f"## Train step, preset {args.preset}, device {args.device}\n\n{text}",
-                            publish=args.write)
-        if args.write:
-            RESULTS.write_text(plots.add_link(RESULTS.read_text(), section))
-    print(last)
-    return 0
+    # the last line: the SSLAM stage (EAT if only that ran)
+    last = sb.final_line(next((r for r in results if r.setup.stage == "sslam"), results[0]).variants)
+    return sb.finish(args, argv, machine=machine, notes=notes, text="\n\n".join(stage_text(r) for r in results),
+                     profiles=[(STAGE_TITLES[r.setup.stage], label, table) for r in results
+                               for label, table in r.profiles],
+                     heading=f"## Train step, preset {args.preset}, device {args.device}",
+                     section=f"bench_train_{args.preset}_{args.device}",
+                     profile_name=f"train_{args.preset}_{args.device}.txt", last=last)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import statistics
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
+import step_bench as sb
 import torch
 import torch.nn.functional as F
-from common import RESULTS, cuda_time_once, machine_line, write_section
+from common import machine_line
 
 from sslam_fast import _backend
 from sslam_fast._checks import value_checks
@@ -69,8 +67,6 @@ from sslam_fast.ops import eat_features
 from sslam_fast.reference import model as refm
 
 SEED = 0
-PROFILE_STEPS = 3
-BF16_FLOP_S = 989e12  # H100 SXM dense bf16
 TINY_CLASSES = 10  # the built-in synthetic set's classes (sslam_fast.data.synthetic.CLASS_NAMES)
 
 # key: (label, fast path, classifier + loss under torch.compile)
@@ -120,12 +116,8 @@ def make_setup(preset: str, batch: int, device: torch.device) -> FtSetup:
 
 
 def make_audio(s: FtSetup) -> torch.Tensor:
-    """(B, samples) int16 PCM on the device: a few tones per clip plus noise, at a moderate level."""
-    g = torch.Generator().manual_seed(SEED)
-    t = torch.arange(s.samples, dtype=torch.float32) / s.cfg.sample_rate
-    freqs = 100 + 3900 * torch.rand(s.batch, 3, 1, generator=g)
-    x = 0.1 * torch.sin(2 * math.pi * freqs * t).sum(1) + 0.05 * torch.randn(s.batch, s.samples, generator=g)
-    return (x * 32768).round().clamp(-32768, 32767).to(torch.int16).to(s.device)
+    """(B, samples) int16 PCM on the device (``step_bench.synthetic_audio``)."""
+    return sb.synthetic_audio(s.batch, s.samples, s.device, SEED, s.cfg.sample_rate)
 
 
 def make_targets(s: FtSetup) -> torch.Tensor:
@@ -219,14 +211,13 @@ def plain_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.
 # --- one variant ------------------------------------------------------------------------------------------------------
 
 
-class Variant:
-    """One variant's model copy, optimizer, schedule and step function (the interface of ``bench_train.Variant``)."""
+class Variant(sb.StepVariant):
+    """One variant's model copy, optimizer, schedule and step function."""
 
     def __init__(self, key: str, s: FtSetup, model0: AudioClassifier, audio_targets: torch.Tensor):
         from torchaudio.transforms import FrequencyMasking, TimeMasking
 
-        self.key, self.s = key, s
-        self.label, self.fast, self.compiled = VARIANTS[key]
+        super().__init__(key, s, VARIANTS)
         cfg = s.cfg
         self.targets = audio_targets
         self.model = model = copy.deepcopy(model0).train()
@@ -245,9 +236,6 @@ class Variant:
         self.sched = build_scheduler(self.opt, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fused = bool(self.opt.defaults.get("fused"))
-        self.workers = s.cuda and not self.fast  # (a) / (b) on CUDA: fbank from upstream's CPU workers
-        self.worker_times: list[float] = []  # CPU seconds of the workers' batch, per timed step
-        self._last_worker: float | None = None
         kind = cfg.loss
 
         def loss_fn(fbank, targets):
@@ -256,26 +244,18 @@ class Variant:
             return plain_loss(plain_forward(model, fbank), targets, kind)
 
         self.loss_fn = torch.compile(loss_fn) if self.compiled else loss_fn
-        self.n = 0
-        self.times: list[float] = []
-        self.first_loss: float | None = None
-        self.peak: int | None = None
-        self.note = ""
 
     def prepare(self, audio: torch.Tensor, n: int | None = None):
         """(a) / (b) on CUDA: the workers' per-clip features on the device, computed on the CPU at 1 thread (not part
-        of the timed step; the CPU time is kept in ``_last_worker``); None for every other variant and on the CPU."""
+        of the timed step; the CPU time is kept in ``_last_worker``, (roll + fbank s,)); None for every other variant
+        and on the CPU."""
         if not self.workers:
             return None
         audio_cpu = audio.cpu()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # torch runs one thread per DataLoader worker process
-        try:
+        with sb.worker_threads():
             t0 = time.perf_counter()
             fbank = plain_clip_features(audio_cpu, self.s.cfg, self.rng if self.s.cfg.roll_aug else None)
-            self._last_worker = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
+            self._last_worker = (time.perf_counter() - t0,)
         return fbank.to(self.s.device)
 
     def _inputs(self, audio: torch.Tensor, prepared):
@@ -330,27 +310,6 @@ class Variant:
         self.n += 1
         return loss.detach()
 
-    def timed_step(self, audio: torch.Tensor) -> None:
-        if self.s.cuda:
-            prepared = self.prepare(audio)
-            self.times.append(cuda_time_once(lambda: self.step(audio, prepared)))
-            if prepared is not None:
-                self.worker_times.append(self._last_worker)
-            return
-        t0 = time.perf_counter()
-        self.step(audio)
-        self.times.append(time.perf_counter() - t0)
-
-    def cuda_peak(self, audio: torch.Tensor) -> int:
-        self.opt.zero_grad(set_to_none=True)
-        prepared = self.prepare(audio)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        self.step(audio, prepared)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
 
 def memory_variant(preset: str, batch: int, key: str) -> tuple[Variant, torch.Tensor]:
     """The CPU peak-memory subprocess's variant and audio (``bench_train.py --_memory-child finetune:KEY``)."""
@@ -366,157 +325,35 @@ def loss_agreement(s: FtSetup, model0: AudioClassifier, audio: torch.Tensor, tar
     mode: no drop path; no augmentation)."""
     model = copy.deepcopy(model0).eval()
     fbank = plain_clip_features(audio.cpu(), s.cfg, None).to(s.device)
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            la, lc = plain_forward(model, fbank), model(fbank)
-            a, c = plain_loss(la, targets, s.cfg.loss), finetune_loss(lc, targets, s.cfg.loss)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with sb.no_tf32(), torch.no_grad():
+        la, lc = plain_forward(model, fbank), model(fbank)
+        a, c = plain_loss(la, targets, s.cfg.loss), finetune_loss(lc, targets, s.cfg.loss)
     logits = float((la - lc).abs().max() / la.abs().max().clamp_min(1e-30))
-    loss = 0.0 if float(a) == float(c) else abs(float(a) - float(c)) / max(abs(float(a)), abs(float(c)))
-    return {"logits": logits, "loss": loss}
+    return {"logits": logits, "loss": sb.rel_diff(float(a), float(c))}
 
 
 # --- run --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FtResult:
-    setup: FtSetup
-    variants: list[Variant]
-    agreement: dict[str, float] = field(default_factory=dict)
-    profiles: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
-    return f"failed: {type(exc).__name__}: {msg}".replace("|", "/")
-
-
-def run(args, device: torch.device, cpu_peak) -> FtResult:
-    """Warm-up, round-robin timing and peak memory of every variant; ``cpu_peak(key)`` measures one variant's CPU
-    peak in a fresh process."""
+def run(args, device: torch.device, cpu_peak) -> sb.StepResult:
+    """Warm-up, round-robin timing and peak memory of every variant (``step_bench.measure``); ``cpu_peak(key)``
+    measures one variant's CPU peak in a fresh process."""
     s = make_setup(args.preset, args.batch, device)
     model0, audio, targets = initial_model(s), make_audio(s), make_targets(s)
     torch._dynamo.reset()
     variants = [Variant(k, s, model0, targets) for k in VARIANTS]
-    for v in variants:
-        if v.compiled and args.quick:
-            v.note = "skipped (--quick)"
-    active = [v for v in variants if not v.note]
-    print(f"[finetune] warm-up: {args.warmup} step(s) per variant", flush=True)
-    for v in active:
-        try:
-            for i in range(args.warmup):
-                loss = v.step(audio)
-                if i == 0:
-                    v.first_loss = float(loss)
-        except Exception as exc:  # noqa: BLE001 - a compile failure is reported in the table, never hidden
-            if not v.compiled:
-                raise
-            v.note = _short(exc)
-            print(f"  {v.label}: {v.note}", flush=True)
-    active = [v for v in active if not v.note]
-    print(f"[finetune] timing: {args.steps} round(s) of {len(active)} variant(s)", flush=True)
-    for _ in range(args.steps):
-        for v in list(active):
-            try:
-                v.timed_step(audio)
-            except Exception as exc:  # noqa: BLE001
-                if not v.compiled:
-                    raise
-                v.note, v.times = _short(exc), []
-                active.remove(v)
-    for v in active:
-        try:
-            v.peak = v.cuda_peak(audio) if s.cuda else cpu_peak(v.key)
-        except RuntimeError as exc:
-            if not v.compiled:
-                raise
-            print(f"  {v.label}: peak memory {_short(exc)}", flush=True)
-    result = FtResult(s, variants, loss_agreement(s, model0, audio, targets))
-    if args.profile is not None:
-        result.profiles = profile(s, [v for v in variants if v.key in ("a", "c")], audio)
-    return result
+    return sb.measure(s, variants, audio, args, "finetune", cpu_peak,
+                      lambda: loss_agreement(s, model0, audio, targets))
 
 
-def profile(s: FtSetup, variants: list[Variant], audio: torch.Tensor) -> list[tuple[str, str]]:
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if s.cuda else [])
-    sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
-    out = []
-    for v in variants:
-        batches = [v.prepare(audio, v.n + i) for i in range(PROFILE_STEPS)]  # upstream's workers: not profiled
-        with torch.profiler.profile(activities=acts) as prof:
-            for prepared in batches:
-                v.step(audio, prepared)
-            if s.cuda:
-                torch.cuda.synchronize()
-        out.append((v.label, prof.key_averages().table(sort_by=sort, row_limit=25)))
-    return out
-
-
-# --- report -----------------------------------------------------------------------------------------------------------
-
-
-def _median(v: Variant) -> float | None:
-    return statistics.median(v.times) if v.times else None
-
-
-def table(r: FtResult) -> str:
-    s = r.setup
-    head = ["variant", "ms / step", "clips/s", "vs (a)", "peak MiB", "peak MiB / clip", "first-step loss"]
-    if s.cuda:
-        head.append("bf16 roofline share")
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    t_ref = _median(r.variants[0])
-    for v in r.variants:
-        t = _median(v)
-        if t is None:
-            lines.append("| " + " | ".join([v.label, v.note] + ["-"] * (len(head) - 2)) + " |")
-            continue
-        rate = s.batch / t
-        cells = [v.label, f"{1e3 * t:.1f}", f"{rate:.2f}" if rate >= 1 else f"{rate:.3g}",
-                 f"{t_ref / t:.2f}x" if t_ref else "-",
-                 "-" if v.peak is None else f"{v.peak / 2**20:.1f}",
-                 "-" if v.peak is None else f"{v.peak / 2**20 / s.batch:.2f}",
-                 "-" if v.first_loss is None else f"{v.first_loss:.4f}"]
-        if s.cuda:
-            cells.append(f"{100 * rate * flop_per_clip(s) / BF16_FLOP_S:.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def title(r: FtResult) -> str:
+def markdown(r: sb.StepResult) -> str:
+    """The markdown: title, table, CPU-worker line (CUDA), loss-agreement line."""
     s, m = r.setup, r.setup.cfg.model_config()
-    return (f"### Fine-tuning ({s.cfg.preset} recipe), preset {s.preset}, batch {s.batch}, {s.num_classes} classes, "
-            f"D {m.embed_dim} x {m.depth} blocks, {s.samples / s.cfg.sample_rate:g} s clips, T {s.target_length}, "
-            f"device {s.device.type}")
-
-
-def worker_line(r: FtResult) -> str | None:
-    times = [t for v in r.variants if v.workers for t in v.worker_times]
-    if not times:
-        return None
-    batch, t_a = r.setup.batch, _median(r.variants[0])
-    per_clip = statistics.median(times) / batch
-    feed = (f"; feeding (a) at {batch / t_a:.1f} clips/s needs >= {per_clip * batch / t_a:.1f} worker cores per GPU"
-            if t_a else "")
-    return (f"CPU worker time per clip (upstream's DataLoader workers, 1 thread; outside the timed GPU step of (a) and "
-            f"(b)): roll + fbank {1e3 * per_clip:.2f} ms{feed}")
-
-
-def agreement_line(r: FtResult) -> str:
-    terms = " ".join(f"{k}={v:.1e}" for k, v in r.agreement.items())
-    return (f"loss agreement [finetune] (fp32, identical weights/features/targets, no augmentation, no drop path), "
-            f"max rel diff fast vs plain: {terms}; max={max(r.agreement.values()):.1e}")
-
-
-def final_line(r: FtResult) -> str:
-    a, c = r.variants[0], r.variants[2]
-    mem = (c.peak / a.peak) if (a.peak and c.peak is not None) else float("nan")
-    return f"fast/reference: speedup={_median(a) / _median(c):.2f}x memory={mem:.2f}x"
+    title = (f"### Fine-tuning ({s.cfg.preset} recipe), preset {s.preset}, batch {s.batch}, {s.num_classes} classes, "
+             f"D {m.embed_dim} x {m.depth} blocks, {s.samples / s.cfg.sample_rate:g} s clips, T {s.target_length}, "
+             f"device {s.device.type}")
+    return sb.result_text(r, title, flop_per_clip(s), ("roll + fbank",),
+                          "[finetune] (fp32, identical weights/features/targets, no augmentation, no drop path)")
 
 
 def main(args, argv, cpu_peak) -> int:
@@ -525,43 +362,13 @@ def main(args, argv, cpu_peak) -> int:
     machine = machine_line()
     print(machine, flush=True)
     fbank_be = _backend.base_name(_backend.resolve("eat_features", "auto", device))
-    notes = (f"threads {torch.get_num_threads()}; {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-             f"median of {args.steps} round-robin steps after {args.warmup} warm-up step(s) per variant"
-             f"{' (--quick)' if args.quick else ''}; fast path: eat_features[{fbank_be}], roll_aug / mixup / "
-             "spec_augment on the device; peak = "
-             + ("max_memory_allocated above the step's start" if device.type == "cuda"
-                else "peak RSS above the step's start, fresh process per variant"))
-    if device.type == "cuda":
-        notes += ("; step times from CUDA events; (a) and (b) as upstream on a GPU: roll + fbank from CPU workers "
-                  "outside the step (their time below the table), fused AdamW, multi-tensor norm")
+    notes = sb.notes_line(args, device, f"eat_features[{fbank_be}], roll_aug / mixup / spec_augment on the device", "",
+                          "roll + fbank from CPU workers outside the step (their time below the table), fused AdamW, "
+                          "multi-tensor norm")
     print(notes, flush=True)
     r = run(args, device, cpu_peak)
-    workers = worker_line(r)
-    text = "\n\n".join([title(r), table(r), *([workers] if workers else []), agreement_line(r)])
-    print()
-    print(text)
-    if args.profile is not None:
-        path = Path(args.profile) if args.profile else (
-            Path(__file__).resolve().parent / "profiles" / f"finetune_{args.preset}_{args.device}.txt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parts = [machine] + [f"## Fine-tuning: {label}, {PROFILE_STEPS} steps, top 25 by self time\n\n{tab}"
-                             for label, tab in r.profiles]
-        path.write_text("\n\n".join(parts) + "\n")
-        print("\n\n".join(parts[1:]))
-        print(f"profile written to {path}")
-    last = final_line(r)
-    if args.write:
-        cmd = "python benchmarks/bench_train.py " + " ".join(argv)
-        body = "\n\n".join([f"## Fine-tuning step, preset {args.preset}, device {args.device}",
-                            f"{machine}  \ncommand: `{cmd.strip()}`; {notes}", text, f"`{last}`"])
-        write_section(f"bench_finetune_{args.preset}_{args.device}", body)
-    if args.plot:  # the speed and memory ratios against (a), beside the table (linked from RESULTS.md with --write)
-        import plots  # imports matplotlib when it draws
-
-        section = f"bench_finetune_{args.preset}_{args.device}"
-        plots.chart_section(section, f"## Fine-tuning step, preset {args.preset}, device {args.device}\n\n{text}",
-                            publish=args.write)
-        if args.write:
-            RESULTS.write_text(plots.add_link(RESULTS.read_text(), section))
-    print(last)
-    return 0
+    return sb.finish(args, argv, machine=machine, notes=notes, text=markdown(r),
+                     profiles=[("Fine-tuning", label, table) for label, table in r.profiles],
+                     heading=f"## Fine-tuning step, preset {args.preset}, device {args.device}",
+                     section=f"bench_finetune_{args.preset}_{args.device}",
+                     profile_name=f"finetune_{args.preset}_{args.device}.txt", last=sb.final_line(r.variants))
