@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -58,3 +59,27 @@ def make_run_base(tmp_path_factory):
         return b
 
     return make
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ATen calls that read a tensor's value back to the host (``.item()``, ``bool(t)``, ``nonzero``, ...):
+    on a GPU each is a device sync. A steady-state training step must make none."""
+
+    OPS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.n += 1
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

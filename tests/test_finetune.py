@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import SyncCounter
 
 from sslam_fast.finetune import loop
 from sslam_fast.finetune.config import load_finetune_config
@@ -29,26 +29,6 @@ from sslam_fast.train.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset=tiny", "--warmup_updates=2", "--log_every=2", "--num_workers=0"]
 
-SYNC_OPS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-}
-
-
-class _SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNC_OPS:
-            self.n += 1
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +223,7 @@ def test_steady_state_updates_read_nothing_back(base, pretrained, monkeypatch):
     """Updates 2-4 and 6-7 of an 8-update run (log lines after 5 and 8, one evaluation after 8) read no value back,
     with every augmentation on (roll, noise, mixup, SpecAugment, label smoothing)."""
     monkeypatch.delenv("SSLAM_FAST_CHECK", raising=False)
-    counter, marks = _SyncCounter(), []
+    counter, marks = SyncCounter(), []
     orig = loop._Stepper.run
 
     def run(self, step, *args, **kwargs):

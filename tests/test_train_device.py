@@ -16,31 +16,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import SyncCounter
 
 from sslam_fast.models import CNNDecoder, PretrainingModel
 from sslam_fast.train import distributed, load_config, loop, train
-
-SYNC_OPS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.equal.default,
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-}
-
-
-class _SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNC_OPS:
-            self.n += 1
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _cfg(base, name, *extra):
@@ -73,7 +52,7 @@ def test_steady_state_steps_read_nothing_back(base, monkeypatch, stage):
     """Updates 2-4 and 6-7 of an 8-update run (log lines after 5 and 8) read no value back: the first update runs
     the value checks, log steps read the statistics once."""
     monkeypatch.delenv("SSLAM_FAST_CHECK", raising=False)
-    counter = _SyncCounter()
+    counter = SyncCounter()
     marks = _per_step_counts(monkeypatch, counter)
     with counter:
         train(_cfg(base, f"sync_{stage}", f"--stage={stage}"), stop_after=8)
@@ -86,7 +65,7 @@ def test_steady_state_steps_read_nothing_back(base, monkeypatch, stage):
 def test_check_env_var_runs_value_checks_every_step(base, monkeypatch):
     """``SSLAM_FAST_CHECK=1`` turns the value checks on for every update (the debugging mode)."""
     monkeypatch.setenv("SSLAM_FAST_CHECK", "1")
-    counter = _SyncCounter()
+    counter = SyncCounter()
     marks = _per_step_counts(monkeypatch, counter)
     with counter:
         train(_cfg(base, "sync_checked", "--max_updates=3", "--log_every=100"), stop_after=3)
