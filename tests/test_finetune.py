@@ -297,3 +297,40 @@ def test_cuda_steady_state_updates_do_not_sync(base, pretrained, monkeypatch, li
                              f"--linear={linear}", "--max_updates=6", "--log_every=3", "--eval_every=6",
                              "--noise_aug=true"))
     assert res["steps"] == 6 and math.isfinite(res["final_loss"]) and 0 < res["final"] <= 1
+
+
+def test_compiled_classifier_compiles_once_and_trains_as_eager(base, pretrained, six, monkeypatch):
+    """``--compile=true``: mixup's lambda, the SpecAugment masks and drop path's draws change every update and reach
+    the compiled classifier inside tensors, so 6 updates compile once (dynamo raises on a recompile after the first
+    update), and the run logs the losses of the eager run. The dynamo guards decide a recompile, so the test compiles
+    with the ``aot_eager`` backend (no inductor code generation: minutes less on a small CPU)."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    orig = loop._Stepper.run
+
+    def run(self, step, *args, **kwargs):
+        out = orig(self, step, *args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        if step == 0:  # compiled by now: from here on a recompilation is an error
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return out
+
+    monkeypatch.setattr(loop._Stepper, "run", run)
+    run_dir = base / "compiled"
+    loop.finetune(_cfg(run_dir, f"--init_checkpoint={pretrained}", "--max_updates=6", "--eval_every=3",
+                       "--save_every=3", "--compile=true"))
+    torch._dynamo.reset()
+    assert len(graphs) == 6 and graphs[0] >= 1 and graphs == [graphs[0]] * 6, graphs
+    got, _, _ = _records(run_dir)
+    ref, _, _ = _records(six[0])
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])

@@ -50,6 +50,7 @@ class FinetuneConfig:
     seed: int = 1  # [F] dataclass/configs.py common.seed
     device: str = "auto"  # "auto" | "cpu" | "cuda" (as train.py)
     precision: str = "auto"  # "auto" | "fp32" | "bf16" (as train.py; upstream trains in fp16)
+    compile: bool = False  # torch.compile the classifier's forward (as train.py --compile)
     num_workers: int = 8
     log_every: int = 100
     eval_every: int = 4000  # updates between evaluations (upstream: every epoch end)

@@ -98,6 +98,9 @@ class _Stepper:
             # the encoder's buffers (the positional table) never change: no broadcast before every forward
             self.trainable = nn.parallel.DistributedDataParallel(
                 trainable, device_ids=[env.device] if env.cuda else None, broadcast_buffers=False)
+        # compiled: the classifier (or the head); augmentation, loss and optimiser stay eager, and every per-update
+        # random draw (mixup's lambda, the masks) reaches the compiled region inside a tensor, never as a constant
+        self.forward = torch.compile(self.trainable) if cfg.compile else self.trainable
         self.optimizer, self.scheduler = optimizer, scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fused = bool(optimizer.defaults.get("fused"))
@@ -145,9 +148,9 @@ class _Stepper:
             if self.linear:
                 with torch.no_grad():
                     cls = self.model.encoder.extract_features(fb)[:, 0]
-                logits = self.trainable(cls)
+                logits = self.forward(cls)
             else:
-                logits = self.trainable(fb)
+                logits = self.forward(fb)
         loss = finetune_loss(logits, targets, cfg.loss)
         loss.backward()
         if cfg.clip_norm > 0:
