@@ -261,22 +261,23 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     args = parser.parse_args(argv)
 
-    shown = []
+    from sslam_fast._progress import progress_bar
+
+    bar = progress_bar(None, desc="shards", unit="shard")  # drawn on a terminal only: a log gets the summary line
 
     def progress(rep: ShardReport) -> None:
-        shown.append(True)
-        print(f"\r{len(rep.shards)} shards, {rep.clips} clips, {len(rep.skipped)} skipped", end="", file=sys.stderr,
-              flush=True)
+        bar.update(1)
+        bar.set_postfix(clips=rep.clips, skipped=len(rep.skipped), refresh=False)
 
     try:
         rep = write_shards(args.source, args.out, args.shard_size, workers=args.workers, seed=args.seed,
                            shuffle=args.shuffle, fmt=args.format, sample_rate=args.sample_rate,
                            overwrite=args.overwrite, progress=progress)
     except (DataError, ValueError, OSError) as e:
-        print(f"{chr(10) if shown else ''}error: {e}", file=sys.stderr)
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if shown:
-        print(file=sys.stderr)
+    bar.close()
     for path, reason in rep.skipped[:10]:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if len(rep.skipped) > 10:
