@@ -393,3 +393,13 @@ def test_torchrun_bad_file_stop_is_printed_once_with_examples(base):
     assert "(none recorded)" not in res.stderr + res.stdout
     # torchrun's own report of the failed workers is a traceback of the launcher; the workers print none
     assert not re.search(r'File "[^"]*(train\.py|sslam_fast/[^"]*)", line', res.stderr), res.stderr[-4000:]
+
+
+def test_torchrun_config_error_is_printed_once(base):
+    """A bad setting fails alike on every rank before any process group exists: one "error:" line, from rank 0."""
+    res = _run([*TORCHRUN, "train.py", *SHORT, "--max_updates=1", f"--run_dir={base / 'bad_config_ddp'}"],
+               timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("error: ") == 1, res.stderr[-4000:]
+    assert "warmup_updates (2) must not exceed max_updates (1)" in res.stderr
+    assert not (base / "bad_config_ddp").exists()

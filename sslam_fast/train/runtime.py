@@ -291,7 +291,9 @@ def run_entry_point(doc: str, presets: dict, argv: list[str] | None, body) -> in
             return 0
         body(*split_run_flags(argv))
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        if reports_here(e):
+        # a command line that does not parse fails alike on every rank, before any process group: rank 0 says so
+        same_everywhere = isinstance(e, ConfigError) and not dist.is_initialized()
+        if reports_here(e) and not (same_everywhere and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:
