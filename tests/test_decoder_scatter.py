@@ -187,6 +187,32 @@ def test_backward_op_checks_keep(backend):
 
 
 @on_cpu_only
+@pytest.mark.parametrize("R,N,k,D", [(6, 17, 5, 48), (4, 40, 9, 64), (3, 13, 13, 16), (2, 11, 0, 8)])
+def test_cpp_backward_reads_only_the_kept_rows(R, N, k, D):
+    """The cpp backward gathers the k kept tokens' gradient rows, never a permuted copy of all N rows: no tensor it
+    makes holds N * D values per row, and the result is bit for bit the reference's (CLS row zero)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, _, ids_restore = _masks(R, N, k, seed=R + k)
+    grad = torch.randn(R, N, D)
+    made = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                        if isinstance(t, torch.Tensor) and t.is_floating_point()
+                        and t.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr())  # views of grad
+            return out
+
+    with Sizes():
+        dx = _backend.kernel("decoder_scatter_backward", "cpp")(grad, ids_restore, k)
+    assert torch.equal(dx, ref.decoder_scatter_backward(grad, ids_restore, k))
+    assert dx.shape == (R, 1 + k, D) and dx.is_contiguous() and not dx[:, 0].any()
+    assert made and max(made) == R * (1 + k) * D, made  # the result is the largest buffer: R N D > R (1 + k) D
+
+
+@on_cpu_only
 def test_auto_on_cpu(monkeypatch):
     monkeypatch.delenv("SSLAM_FAST_BACKEND", raising=False)
     assert _backend.base_name(_backend.resolve("decoder_scatter", "auto", "cpu")) == "cpp"

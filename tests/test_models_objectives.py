@@ -215,6 +215,56 @@ def test_fast_path_on_triton_kernels(monkeypatch):
         refm.losses(model, source, masks, windows, mask_noise_std=0.0)
 
 
+def test_sslam_patch_terms_write_one_gradient():
+    """SSLAM's patch sum (all rows) and source-retention sum (the mixed rows) write pred's gradient once: autograd of
+    ``masked_mse(pred[n:], ...)`` would fill a zero tensor of pred's size for the slice (``slice_backward``) and add
+    it to the other term's. The sums and the gradient are bit for bit autograd's of the two separate calls, also when
+    only one of the terms reaches the loss; in the model's step no slice gradient of pred is made either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sslam_fast.models.objectives import _patch_terms
+    from sslam_fast.ops import masked_mse
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    K, B, N, D = 4, 3, 16, 8
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2 * B * K, N, D, generator=g, requires_grad=True)
+    Y, t_srl = torch.randn(2 * B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    masks = torch.rand(B * K, N, generator=g) < 0.8
+    mask_all = torch.cat([masks, masks])
+    patch, mix = _patch_terms(pred, Y, mask_all, t_srl, masks, K)
+    want_patch = masked_mse(pred, Y, mask_all, clones=K)
+    want_mix = masked_mse(pred[B * K:], t_srl, masks, clones=K)
+    assert torch.equal(patch, want_patch) and torch.equal(mix, want_mix)
+    for wp, wm in ((0.7, 1.3), (1.0, 0.0), (0.0, 1.0)):  # both terms, the patch term only, the mixed term only
+
+        def total(p, m, wp=wp, wm=wm):  # a term of weight 0 stays out of the graph: its gradient is None, not zeros
+            return (wp * p if wp else 0.0) + (wm * 2 * m if wm else 0.0)
+
+        (want,) = torch.autograd.grad(total(want_patch, want_mix), pred, retain_graph=True)
+        mode = Calls()
+        with mode:
+            (got,) = torch.autograd.grad(total(patch, mix), pred, retain_graph=True)
+        assert torch.equal(got, want), (wp, wm)
+        assert torch.ops.aten.slice_backward.default not in mode.seen, (wp, wm)
+    model = _model("sslam")
+    cfg = model.cfg
+    source, masks = _source(2, cfg), _masks(2 * cfg.clones, cfg.num_patches, 9)
+    out = model.losses(source, masks, (16, 96), mask_noise_std=0.0)
+    mode = Calls()
+    with mode:
+        out["loss"].backward()
+    assert torch.ops.aten.slice_backward.default not in mode.seen
+
+
 def test_default_fast_path_makes_no_clone_copies(monkeypatch):
     """On the default backends (CPU: cpp / reference) the fast path never repeat-interleaves the clip batch."""
 

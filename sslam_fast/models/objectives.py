@@ -2,7 +2,8 @@
 
 ``losses`` runs ``clone_gather`` (no repeat_interleave of the clip batch), ``attention``, ``decoder_scatter``,
 ``decoder_block``, ``layer_targets`` (teacher B's targets computed on its kept tokens only), ``masked_mse``
-(clone-aware: no repeated targets, no ``x[mask]`` gathers) and ``partial_max_mix``. ``sslam_fast.reference.model``
+(clone-aware: no repeated targets, no ``x[mask]`` gathers; SSLAM's two patch sums write one gradient of the
+decoder output, :class:`_PatchTerms`) and ``partial_max_mix``. ``sslam_fast.reference.model``
 computes the same terms the way upstream writes them (``[E] models/EAT_pretraining.py : Data2VecMultiModel.forward``,
 ``[S] Pre-Training/SSLAM_Stage2/models/EAT_pretraining.py : forward``): the oracle of the tests.
 
@@ -16,6 +17,7 @@ import math
 
 import torch
 
+from sslam_fast import _backend
 from sslam_fast.ops import clone_gather, decoder_scatter, layer_targets, masked_mse, partial_max_mix
 
 __all__ = ["losses", "kept_time_rows", "kept_token_index"]
@@ -80,6 +82,55 @@ def _cls_loss(cls_out, cls_target, clones, weight, S):
     return diff.square().sum() / math.sqrt(D) * (weight * S)
 
 
+class _PatchTerms(torch.autograd.Function):
+    """``(masked_mse(pred, Y, mask_all), masked_mse(pred[n:], t_srl, masks))`` with n = rows of pred - rows of masks
+    (SSLAM's patch loss over all rows and the source-retention term over the mixed rows, ALGORITHM §5.4), both
+    differentiable in ``pred`` only (the targets are the teacher's, taken as constants).
+
+    The backward writes pred's gradient once: the patch term's, with the mixed rows' term added in place to its
+    last rows. Autograd of ``masked_mse(pred[n:], ...)`` would instead fill a tensor of zeros of pred's whole size
+    for the slice's gradient, copy the term into it and add that to the patch term's gradient: two extra passes
+    over pred and one allocation of its size. The sums are the same (x + 0 = x on the first rows, one addition of
+    the same two values on the mixed rows), so the gradient is bit for bit autograd's."""
+
+    @staticmethod
+    def forward(ctx, pred, Y, mask_all, t_srl, masks, clones, backend):
+        n = pred.shape[0] - masks.shape[0]
+        ctx.save_for_backward(pred, Y, mask_all, t_srl, masks)
+        ctx.clones, ctx.backend, ctx.n = clones, backend, n
+        ctx.set_materialize_grads(False)
+        patch = torch.ops.sslam_fast.masked_mse(pred, Y, mask_all, clones, backend)
+        mix = torch.ops.sslam_fast.masked_mse(pred[n:], t_srl, masks, clones, backend)
+        return patch, mix
+
+    @staticmethod
+    def backward(ctx, g_patch, g_mix):
+        pred, Y, mask_all, t_srl, masks = ctx.saved_tensors
+        K, backend, n = ctx.clones, ctx.backend, ctx.n
+        grad = None
+        if g_patch is not None:
+            grad = torch.ops.sslam_fast.masked_mse_backward(g_patch, pred, Y, mask_all, K, backend)
+        if g_mix is not None:
+            g = torch.ops.sslam_fast.masked_mse_backward(g_mix, pred[n:], t_srl, masks, K, backend)
+            if grad is None:
+                grad = torch.cat([pred.new_zeros((n, *pred.shape[1:])), g])
+            else:
+                grad[n:] += g
+        return grad, None, None, None, None, None, None
+
+
+def _patch_terms(pred, Y, mask_all, t_srl, masks, clones):
+    """The patch and source-retention sums of SSLAM (:class:`_PatchTerms`) on the backend ``masked_mse`` would pick;
+    the shapes are checked here (dtypes and devices are those of :func:`losses`' checked inputs)."""
+    for target, mask, rows in ((Y, mask_all, pred), (t_srl, masks, pred[pred.shape[0] - masks.shape[0]:])):
+        if target.shape[0] * clones != rows.shape[0] or target.shape[1:] != pred.shape[1:] or \
+                mask.shape != rows.shape[:2]:
+            raise ValueError(f"patch terms: pred {tuple(rows.shape)} does not match target {tuple(target.shape)} x "
+                             f"{clones} clones and mask {tuple(mask.shape)}")
+    backend = _backend.resolve("masked_mse", "auto", pred.device)
+    return _PatchTerms.apply(pred, Y.detach(), mask_all, t_srl.detach(), masks, clones, backend)
+
+
 def losses(model, source, masks, windows, std, num_kept) -> dict[str, torch.Tensor]:
     """The loss terms of ``model`` (a ``PretrainingModel``) on checked inputs: ``windows`` is None or (s1, s2) as a
     (2,) int64 tensor on source's device, ``num_kept`` the kept tokens per row of ``masks``. Reads no tensor value
@@ -118,10 +169,11 @@ def losses(model, source, masks, windows, std, num_kept) -> dict[str, torch.Tens
     del ys
 
     pred, cls_out = _student(model, x, mask_all, std, num_kept)
-    patch = masked_mse(pred, Y, mask_all, clones=K)
     if t_srl is None:
+        patch = masked_mse(pred, Y, mask_all, clones=K)
         mix_patch = patch.new_zeros(())
     else:
-        mix_patch = 2 * masked_mse(pred[B * K :], t_srl, masks, clones=K)
+        patch, mix_patch = _patch_terms(pred, Y, mask_all, t_srl, masks, K)
+        mix_patch = 2 * mix_patch
     cls = _cls_loss(cls_out, cls_target, K, cfg.cls_loss_weight, S)
     return _finish(patch, mix_patch, cls, S)

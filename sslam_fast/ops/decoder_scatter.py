@@ -5,10 +5,10 @@ N(0, std^2) mask tokens.
 
 Backends: ``reference`` (``sslam_fast.reference.decoder_scatter``, any device), ``triton``
 (kernels/decoder_scatter.py; CUDA, or CPU under ``TRITON_INTERPRET=1``; the mask tokens come from an in-kernel Philox
-stream) and, on CPU, ``cpp``: ATen row copies through flat row indices (``index_select`` / ``index_copy_``: whole
-D-vectors instead of ``gather`` / ``scatter_add_`` element by element), with the mask tokens drawn exactly as the
-reference (upstream) draws them. The backward (``sslam_fast::decoder_scatter_backward``) runs on the backend that ran
-the forward.
+stream) and, on CPU, ``cpp``: ATen row copies through flat row indices (``index_select``: whole D-vectors instead of
+``gather`` / ``scatter_add_`` element by element; the backward reads the kept tokens' rows only), with the mask tokens
+drawn exactly as the reference (upstream) draws them. The backward (``sslam_fast::decoder_scatter_backward``) runs on
+the backend that ran the forward.
 """
 
 from __future__ import annotations
@@ -59,10 +59,16 @@ def _decoder_scatter_cpp(x, ids_restore, noise, seed, mask_noise_std):
 
 
 def _decoder_scatter_backward_cpp(grad, ids_restore, keep):
+    # Only the kept tokens' rows are read: visible token j of row r sits at position order[r, j], where order is the
+    # inverse permutation of ids_restore[r] (a scatter of arange). The mask tokens' gradient is never needed, so the
+    # (R, N, D) gradient is not permuted as a whole (keep is N / 5 in EAT / SSLAM).
     R, N, D = grad.shape
-    src = grad.new_empty(R * N, D)  # ids_restore rows are permutations: every row of src is written exactly once
-    src.index_copy_(0, _flat_rows(ids_restore), grad.reshape(R * N, D))
-    return torch.cat([grad.new_zeros(R, 1, D), src.view(R, N, D)[:, :keep]], dim=1)
+    order = torch.empty_like(ids_restore).scatter_(
+        1, ids_restore, torch.arange(N, device=ids_restore.device).expand(R, N)
+    )
+    rows = (torch.arange(R, device=grad.device).mul_(N).unsqueeze(1) + order[:, :keep]).reshape(-1)
+    vis = grad.reshape(R * N, D).index_select(0, rows).view(R, keep, D)
+    return torch.cat([grad.new_zeros(R, 1, D), vis], dim=1)
 
 
 _triton_forward = _backend.triton_kernel("decoder_scatter", "decoder_scatter_fwd_triton")
