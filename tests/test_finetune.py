@@ -310,7 +310,6 @@ def test_compiled_classifier_compiles_once_and_trains_as_eager(base, pretrained,
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     torch._dynamo.reset()
     counters.clear()
     graphs = []
@@ -320,14 +319,17 @@ def test_compiled_classifier_compiles_once_and_trains_as_eager(base, pretrained,
         out = orig(self, step, *args, **kwargs)
         graphs.append(counters["stats"]["unique_graphs"])
         if step == 0:  # compiled by now: from here on a recompilation is an error
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+            torch._dynamo.config.error_on_recompile = True
         return out
 
     monkeypatch.setattr(loop._Stepper, "run", run)
     run_dir = base / "compiled"
-    loop.finetune(_cfg(run_dir, f"--init_checkpoint={pretrained}", "--max_updates=6", "--eval_every=3",
-                       "--save_every=3", "--compile=true"))
-    torch._dynamo.reset()
+    try:
+        loop.finetune(_cfg(run_dir, f"--init_checkpoint={pretrained}", "--max_updates=6", "--eval_every=3",
+                           "--save_every=3", "--compile=true"))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
     assert len(graphs) == 6 and graphs[0] >= 1 and graphs == [graphs[0]] * 6, graphs
     got, _, _ = _records(run_dir)
     ref, _, _ = _records(six[0])
