@@ -85,12 +85,14 @@ def test_two_processes_train_and_resume_over_shards(base, shards):
     assert ".tar:" in bad and "1 bad files" in first.stdout
 
 
-def test_resume_over_shards_with_other_data_is_refused(base, shards):
-    run_dir = base / "switch"
-    res = _run(["train.py", *SHORT, "--max_updates=4", "--stop_after=2", f"--run_dir={run_dir}"])
+@pytest.mark.parametrize("first, then", [("built-in", "shards"), ("shards", "built-in")])
+def test_resume_that_switches_between_shards_and_other_data_is_refused(base, shards, first, then):
+    run_dir = base / f"switch_{first}"
+    data = {"built-in": [], "shards": [f"--data={shards}"]}
+    res = _run(["train.py", *SHORT, "--max_updates=4", "--stop_after=2", *data[first], f"--run_dir={run_dir}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _run(["train.py", *SHORT, "--max_updates=4", f"--data={shards}", f"--run_dir={run_dir}", "--resume"])
-    assert res.returncode != 0
+    res = _run(["train.py", *SHORT, "--max_updates=4", *data[then], f"--run_dir={run_dir}", "--resume"])
+    assert res.returncode == 2, res.stderr[-3000:]
     assert "data position" in res.stderr and "resume with the data" in res.stderr
 
 

@@ -480,3 +480,7 @@ class ShardBatches:
 
     def state_dict(self) -> dict:
         return {**self.dataset.state_dict(), "batches_done": self.done}
+
+    def position(self) -> dict:
+        """What the trainer checkpoints for this rank (``state_dict()``; the counterpart of ``Batches.position``)."""
+        return self.state_dict()

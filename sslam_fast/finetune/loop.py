@@ -173,7 +173,7 @@ def _save_last(run_dir: Path, cfg, model, optimizer, scheduler, step, position, 
     RNG state and data position, the scheduler, the counters and the evaluation record."""
     from sslam_fast.checkpoint import save_finetuned_checkpoint
 
-    gathered = gather(env, (capture_rng_state(), {"epoch": int(position[0]), "batches_done": int(position[1])}))
+    gathered = gather(env, (capture_rng_state(), position))
     if env.is_main:
         state = {"step": int(step), "positions": [g[1] for g in gathered], "rng": [g[0] for g in gathered],
                  "scheduler": scheduler.state_dict(), "config": cfg.to_dict(), "world_size": int(env.world), **extra}
@@ -247,7 +247,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None
     progress = Progress(cfg.max_updates, step, env.is_main)
     stats = Stats(env)
     t_run, first_step = time.perf_counter(), step
-    position = (batches.epoch, batches.done)
+    position = batches.position()
     bad_seen: dict[str, None] = {}
     stop_reason, failure, no_data = None, None, None
 
@@ -295,7 +295,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None
                 with value_checks(step == first_step):
                     stepper.run(step, batch, stats)
                 step += 1
-                position = (batches.epoch, batches.done)
+                position = batches.position()
                 rec = log() if step % cfg.log_every == 0 or step == cfg.max_updates else None
                 progress.update(step, rec)
                 if step % cfg.eval_every == 0 or step == cfg.max_updates:

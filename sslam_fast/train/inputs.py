@@ -63,26 +63,6 @@ def build_data(cfg: TrainConfig, env: DistEnv):
     return dataset, default_set
 
 
-class _SamplerBatches(Batches):
-    """:class:`sslam_fast.train.runtime.Batches` with the position a checkpoint saves."""
-
-    def position(self) -> dict:
-        return {"epoch": int(self.epoch), "batches_done": int(self.done)}
-
-
-class _StreamBatches:
-    """A :class:`sslam_fast.data.ShardBatches` with the position a checkpoint saves (this rank's shard state)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def next(self, bad: list[str]) -> tuple[dict, int]:
-        return self.inner.next(bad)
-
-    def position(self) -> dict:
-        return self.inner.state_dict()
-
-
 def make_batches(cfg: TrainConfig, env: DistEnv, dataset, saved: dict | None):
     """The loader of ``dataset`` and the batch stream the step reads: ``.next(bad) -> (batch, readable clips)`` and
     ``.position()`` (what a checkpoint saves for this rank). ``saved`` is the resumed checkpoint's trainer state (its
@@ -106,8 +86,7 @@ def make_batches(cfg: TrainConfig, env: DistEnv, dataset, saved: dict | None):
                                              collate_fn=ShardCollate(dataset, inner),
                                              num_workers=cfg.num_workers, pin_memory=env.cuda)
         try:
-            return _StreamBatches(ShardBatches(dataset, loader, batch_size=cfg.batch_size, state=state,
-                                               error_type=NoReadableFile))
+            return ShardBatches(dataset, loader, batch_size=cfg.batch_size, state=state, error_type=NoReadableFile)
         except ValueError as e:  # a saved state of other shards
             raise DataError(f"{cfg.data}: cannot resume here: {e}") from None
     sampler = ResumableSampler(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=env.rank,
@@ -118,11 +97,11 @@ def make_batches(cfg: TrainConfig, env: DistEnv, dataset, saved: dict | None):
     epoch, done = 0, 0
     if saved is not None:
         pos = saved["position"]
-        if "batches_done" not in pos:
+        if "shards_done" in pos:
             raise DataError(f"the checkpoint's data position is over tar shards, {cfg.data or 'the built-in set'} "
                             "is not; resume with the data the run started with")
         epoch, done = pos["epoch"], pos["batches_done"]
-    return _SamplerBatches(cfg, dataset, loader, sampler, epoch, done)
+    return Batches(cfg, dataset, loader, sampler, epoch, done)
 
 
 def features(cfg: TrainConfig, batch: dict, device) -> torch.Tensor:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from sslam_fast._checks import value_checks
 from sslam_fast.train import distributed
@@ -33,6 +32,7 @@ from sslam_fast.train.runtime import (
     TrainingError,
     agree_before_update,
     check_run_dir,
+    gather,
     on_main,
     open_run_dir,
     remove_if_empty,
@@ -86,12 +86,7 @@ def _ema_step(model, n: int, cfg: TrainConfig) -> float:
 def _save(path_dir: Path, cfg, model, optimizer, scheduler, step, position, counters, env: DistEnv) -> None:
     from sslam_fast.checkpoint import save_pretraining_checkpoint
 
-    mine = (capture_rng_state(), position)
-    if env.world > 1:
-        gathered = [None] * env.world
-        dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
+    gathered = gather(env, (capture_rng_state(), position))
     states, positions = [g[0] for g in gathered], [g[1] for g in gathered]
     if env.is_main:
         extra = {

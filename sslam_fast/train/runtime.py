@@ -216,6 +216,10 @@ class Batches:
                 yield batch, idx
             self.epoch, self.done = self.epoch + 1, 0
 
+    def position(self) -> dict:
+        """The position a checkpoint saves: ``{"epoch", "batches_done"}`` of the batches handed out."""
+        return {"epoch": int(self.epoch), "batches_done": int(self.done)}
+
     def next(self, bad: list[str]) -> tuple[dict, int]:
         """The next batch with a readable file and its count of readable files; unreadable ones go to ``bad``."""
         n_good, skipped = 0, 0
