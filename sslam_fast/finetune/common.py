@@ -17,7 +17,7 @@ from sslam_fast.finetune.config import FinetuneConfig
 from sslam_fast.metrics import accuracy, mean_average_precision
 from sslam_fast.train.config import ConfigError
 from sslam_fast.train.distributed import DistEnv
-from sslam_fast.train.runtime import check_run_dir, gather, on_main
+from sslam_fast.train.runtime import gather, prepare_run
 
 __all__ = [
     "Data",
@@ -38,19 +38,9 @@ VALID_MANIFESTS = ("eval.tsv", "valid.tsv", "test.tsv")
 
 
 def prepare(cfg: FinetuneConfig, env: DistEnv, synthetic_root: Path) -> None:
-    """Rank 0's start-up work: check ``run_dir`` (without creating it) and generate the built-in set when it is
-    used; every rank learns whether that failed."""
-    from sslam_fast.data import DataError, make_default_dataset
-
-    def work():
-        check_run_dir(Path(cfg.run_dir))
-        if cfg.data == "":
-            try:
-                make_default_dataset(synthetic_root)
-            except OSError as e:
-                raise DataError(f"cannot write the built-in data set to {synthetic_root}: {e.strerror or e}") from None
-
-    on_main(env, work)
+    """Rank 0's start-up work (:func:`sslam_fast.train.runtime.prepare_run`): check ``run_dir`` (without creating it)
+    and generate the built-in set when it is used; every rank learns whether that failed."""
+    prepare_run(env, Path(cfg.run_dir), synthetic_root if cfg.data == "" else None)
 
 
 @dataclasses.dataclass

@@ -31,10 +31,10 @@ from sslam_fast.train.runtime import (
     Progress,
     TrainingError,
     agree_before_update,
-    check_run_dir,
     gather,
     on_main,
     open_run_dir,
+    prepare_run,
     remove_if_empty,
     settle_bad_files,
 )
@@ -49,23 +49,6 @@ def _step_rng(seed: int, step: int, rank: int, micro: int) -> random.Random:
     micro-step) alone, which is what makes resume exact. A ``random.Random``: drawing from it touches no tensor, so
     it never waits for the device."""
     return random.Random(((seed * 1_000_003 + step) * 1009 + rank) * 31 + micro)
-
-
-def _prepare(cfg: TrainConfig, env: DistEnv) -> None:
-    """Rank 0's start-up work before any rank reads its results: check ``run_dir`` and generate the built-in default
-    set (cached) when no data is given."""
-    from sslam_fast.data import DataError, make_default_dataset
-
-    def work():
-        check_run_dir(Path(cfg.run_dir))
-        if cfg.data == "":
-            root = default_data_root(cfg.run_dir)
-            try:
-                make_default_dataset(root)
-            except OSError as e:
-                raise DataError(f"cannot write the built-in data set to {root}: {e.strerror or e}") from None
-
-    on_main(env, work)
 
 
 def _unwrap(m):
@@ -308,7 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     _check_tensorboard(cfg)
     env = distributed.setup(cfg.device)
     run_dir = Path(cfg.run_dir)
-    _prepare(cfg, env)  # run_dir checked, not created yet: a run that fails a start-up check leaves no folder
+    # run_dir checked, not created yet: a run that fails a start-up check leaves no folder
+    prepare_run(env, run_dir, default_data_root(cfg.run_dir) if cfg.data == "" else None)
     dataset, default_set = build_data(cfg, env)
 
     torch.manual_seed(cfg.seed)

@@ -29,6 +29,7 @@ __all__ = [
     "gather",
     "on_main",
     "open_run_dir",
+    "prepare_run",
     "record_bad_files",
     "remove_if_empty",
     "reported_elsewhere",
@@ -117,6 +118,23 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run_dir {run_dir} {where}, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run_dir {run_dir} cannot be written: {existing} is read-only or not writable by this user")
+
+
+def prepare_run(env: DistEnv, run_dir: Path, synthetic_root: Path | None) -> None:
+    """Rank 0's start-up work before any rank reads its results (:func:`on_main`): check ``run_dir`` without creating
+    it, and generate the built-in synthetic set (cached) at ``synthetic_root`` when the run uses it (not None)."""
+
+    def work():
+        from sslam_fast.data import DataError, make_default_dataset
+
+        check_run_dir(run_dir)
+        if synthetic_root is not None:
+            try:
+                make_default_dataset(synthetic_root)
+            except OSError as e:
+                raise DataError(f"cannot write the built-in data set to {synthetic_root}: {e.strerror or e}") from None
+
+    on_main(env, work)
 
 
 def open_run_dir(run_dir: Path, step: int) -> bool:
