@@ -3,6 +3,8 @@
 ``TRITON_INTERPRET`` must be set before anything imports triton, hence here, at collection time.
 """
 
+import contextlib
+import functools
 import os
 
 import pytest
@@ -83,3 +85,33 @@ class SyncCounter(TorchDispatchMode):
             self.n += 1
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def compiles_once(monkeypatch, stepper_cls):
+    """For a trainer's ``torch.compile`` test: ``torch.compile`` uses the ``aot_eager`` backend (dynamo's guards are
+    what decide a recompile; no inductor code generation, minutes less on a small CPU), and ``stepper_cls.run`` is
+    wrapped so that after each update the count of dynamo's unique graphs is appended to the list this yields, and
+    after the first update (step 0) a recompilation is an error. Dynamo's state is reset on the way in and out."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    orig = stepper_cls.run
+
+    def run(self, step, *args, **kwargs):
+        out = orig(self, step, *args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        if step == 0:  # compiled by now: from here on a recompilation is an error
+            torch._dynamo.config.error_on_recompile = True
+        return out
+
+    monkeypatch.setattr(stepper_cls, "run", run)
+    try:
+        yield graphs
+    finally:  # set back directly: monkeypatch's undo of a dynamo config key removes the key
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SyncCounter
+from conftest import SyncCounter, compiles_once
 
 from sslam_fast.finetune import loop
 from sslam_fast.finetune.config import load_finetune_config
@@ -304,32 +304,10 @@ def test_compiled_classifier_compiles_once_and_trains_as_eager(base, pretrained,
     the compiled classifier inside tensors, so 6 updates compile once (dynamo raises on a recompile after the first
     update), and the run logs the losses of the eager run. The dynamo guards decide a recompile, so the test compiles
     with the ``aot_eager`` backend (no inductor code generation: minutes less on a small CPU)."""
-    import functools
-
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    torch._dynamo.reset()
-    counters.clear()
-    graphs = []
-    orig = loop._Stepper.run
-
-    def run(self, step, *args, **kwargs):
-        out = orig(self, step, *args, **kwargs)
-        graphs.append(counters["stats"]["unique_graphs"])
-        if step == 0:  # compiled by now: from here on a recompilation is an error
-            torch._dynamo.config.error_on_recompile = True
-        return out
-
-    monkeypatch.setattr(loop._Stepper, "run", run)
     run_dir = base / "compiled"
-    try:
+    with compiles_once(monkeypatch, loop._Stepper) as graphs:
         loop.finetune(_cfg(run_dir, f"--init_checkpoint={pretrained}", "--max_updates=6", "--eval_every=3",
                            "--save_every=3", "--compile=true"))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
     assert len(graphs) == 6 and graphs[0] >= 1 and graphs == [graphs[0]] * 6, graphs
     got, _, _ = _records(run_dir)
     ref, _, _ = _records(six[0])

@@ -10,13 +10,12 @@ between two log lines must have none. The CUDA variant runs the same steps under
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
 import pytest
 import torch
-from conftest import SyncCounter
+from conftest import SyncCounter, compiles_once
 
 from sslam_fast.models import CNNDecoder, PretrainingModel
 from sslam_fast.train import distributed, load_config, loop, train
@@ -78,7 +77,6 @@ def test_compiled_stage2_compiles_once_for_new_windows(base, monkeypatch):
     so 10 updates compile once (dynamo would raise on a recompile). The dynamo-level guards are what decide a
     recompile, so the test compiles with the ``aot_eager`` backend (forward and backward traced, no inductor code
     generation: minutes less on a small CPU)."""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from sslam_fast import _backend
@@ -94,25 +92,8 @@ def test_compiled_stage2_compiles_once_for_new_windows(base, monkeypatch):
         return out
 
     monkeypatch.setattr(loop._Stepper, "_inputs", inputs)
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    torch._dynamo.reset()
-    counters.clear()
-    graphs = []
-    orig_run = loop._Stepper.run
-
-    def run(self, step, *args, **kwargs):
-        out = orig_run(self, step, *args, **kwargs)
-        graphs.append(counters["stats"]["unique_graphs"])
-        if step == 0:  # compiled by now: from here on a recompilation is an error
-            torch._dynamo.config.error_on_recompile = True
-        return out
-
-    monkeypatch.setattr(loop._Stepper, "run", run)
-    try:
+    with compiles_once(monkeypatch, loop._Stepper) as graphs:
         train(_cfg(base, "compile_sslam", "--stage=sslam", "--compile=true", "--max_updates=10", "--log_every=10"))
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
     assert len(set(windows)) > 3  # the windows did change
     assert len(graphs) == 10 and graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
     assert counters["recompiles"] == {} or sum(counters["recompiles"].values()) == 0
