@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sslam_fast._files import write_text_atomic
 from sslam_fast.audio import AUDIO_EXTENSIONS, list_audio
 from sslam_fast.data import DataError
 
@@ -296,16 +297,7 @@ def _segment_labels(entries: list[tuple[str, int]], segments: str | os.PathLike,
 
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _csv_line(*fields) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sslam_fast._files import write_text_atomic
 from sslam_fast.audio import AUDIO_EXTENSIONS, list_audio
 from sslam_fast.data.dataset import DataError, read_manifest
 
@@ -159,9 +160,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int, *, workers: int = 1,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sslam_fast._files import write_text_atomic
 from sslam_fast.train.distributed import DistEnv
 
 __all__ = [
@@ -171,11 +172,8 @@ def trim_metrics(path: Path, step: int) -> None:
         if isinstance(rec, dict) and not rec.get("summary") and isinstance(rec.get("step"), int) \
                 and rec["step"] <= step:
             keep.append(line)
-    if len(keep) == len(lines):
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 BAD_EXAMPLES = 3  # unreadable files named in the final "done:" line (bad_files.txt lists them all)
@@ -196,9 +194,7 @@ def record_bad_files(path: Path, names: list[str]) -> list[str]:
         old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         merged = list(dict.fromkeys([*old, *names]))
         if len(merged) != len(old):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(n + "\n" for n in merged), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(n + "\n" for n in merged))
         return merged
     except OSError as e:  # the list is a report: not worth failing the run over
         print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
