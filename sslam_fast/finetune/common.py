@@ -25,6 +25,7 @@ __all__ = [
     "build_classifier",
     "clip_outputs",
     "fairseq_overrides",
+    "fmt_metric",
     "load_data",
     "prepare",
     "read_state",
@@ -320,3 +321,8 @@ class Stats:
         if rec["loss"] is not None and not math.isfinite(rec["loss"]):
             rec["loss"] = None
         return rec
+
+
+def fmt_metric(v: float | None, digits: int = 4) -> str:
+    """A metric for the closing lines: ``n/a`` for none (no evaluation ran), else ``digits`` decimals."""
+    return "n/a" if v is None else f"{v:.{digits}f}"

@@ -24,6 +24,7 @@ from sslam_fast.finetune.common import (
     build_classifier,
     clip_outputs,
     fairseq_overrides,
+    fmt_metric,
     load_data,
     prepare,
     score,
@@ -84,10 +85,6 @@ def train_head(model, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: tor
     return out
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def linear_cached(cfg: FinetuneConfig, env: DistEnv, synthetic_root: Path) -> dict:
     """A ``linear="cached"`` run in ``cfg.run_dir`` (see the module docstring); returns its summary, the same keys
     as a fine-tuning run's plus ``extract_s`` and ``train_s``."""
@@ -144,8 +141,8 @@ def linear_cached(cfg: FinetuneConfig, env: DistEnv, synthetic_root: Path) -> di
         finally:
             metrics.close()
         print(f"done: linear evaluation on cached features: {res['steps']} steps in {train_s:.1f} s after "
-              f"{extract_s:.1f} s of feature extraction, {res['metric']} {_fmt(res['final'])} (best "
-              f"{_fmt(res['best'])} at step {res['best_step']}), {len(bad)} bad files", flush=True)
+              f"{extract_s:.1f} s of feature extraction, {res['metric']} {fmt_metric(res['final'])} (best "
+              f"{fmt_metric(res['best'])} at step {res['best_step']}), {len(bad)} bad files", flush=True)
         return summary
 
     summary = on_main(env, work)

@@ -37,6 +37,7 @@ from sslam_fast.finetune.common import (
     build_classifier,
     clip_outputs,
     fairseq_overrides,
+    fmt_metric,
     load_data,
     prepare,
     read_state,
@@ -344,10 +345,6 @@ def _save_best(run_dir: Path, cfg, model, step: int, res: dict) -> None:
                               extra_state={"best": {"step": int(step), res["metric"]: float(res["value"])}})
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def _print_done(s: dict, cfg, run_dir: Path, bad_names: list[str]) -> None:
     head = (f"stopped early at step {s['steps']} of {cfg.max_updates} ({s['stop_reason']}); resume with the same "
             "command;" if s["stopped_early"] else f"{s['steps']} steps,")
@@ -355,10 +352,9 @@ def _print_done(s: dict, cfg, run_dir: Path, bad_names: list[str]) -> None:
     if s["bad_files"] and bad_names:
         shown = ", ".join(bad_names[:BAD_EXAMPLES]) + (", ..." if len(bad_names) > BAD_EXAMPLES else "")
         bad_note = f" ({shown}; all in {run_dir / 'bad_files.txt'})"
-    loss = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
-    print(f"done: {head} {s['clips_per_s']:.1f} clips/s per device, final loss {loss}, {s['metric']} "
-          f"{_fmt(s['final'])} (best {_fmt(s['best'])} at step {s['best_step']}), {s['bad_files']} bad files"
-          f"{bad_note}, {s['skipped_steps']} skipped steps", flush=True)
+    print(f"done: {head} {s['clips_per_s']:.1f} clips/s per device, final loss {fmt_metric(s['final_loss'])}, "
+          f"{s['metric']} {fmt_metric(s['final'])} (best {fmt_metric(s['best'])} at step {s['best_step']}), "
+          f"{s['bad_files']} bad files{bad_note}, {s['skipped_steps']} skipped steps", flush=True)
 
 
 def _all_folds(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int | None, synthetic_root) -> dict:
@@ -375,8 +371,8 @@ def _all_folds(cfg: FinetuneConfig, env: DistEnv, resume: bool, stop_after: int 
     values = [r["final"] for r in results]
     mean = sum(values) / len(values) if all(v is not None for v in values) else None
     if env.is_main:
-        print(f"{results[0]['metric']} over 5 folds: " + " ".join(_fmt(v) for v in values) + f"; mean {_fmt(mean)}",
-              flush=True)
+        print(f"{results[0]['metric']} over 5 folds: " + " ".join(fmt_metric(v) for v in values)
+              + f"; mean {fmt_metric(mean)}", flush=True)
     return {"folds": results, "mean": mean, "metric": results[0]["metric"], "stopped_early": False}
 
 
@@ -436,9 +432,5 @@ def demonstration(cfg: FinetuneConfig, resume: bool = False, stop_after: int | N
             return None
     if env.is_main:
         metric = out["finetuned"]["metric"]
-        print(f"fine-tune {metric}: " + " ".join(f"{k}={_fmt3(out[k]['best'])}" for k in runs), flush=True)
+        print(f"fine-tune {metric}: " + " ".join(f"{k}={fmt_metric(out[k]['best'], 3)}" for k in runs), flush=True)
     return out
-
-
-def _fmt3(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
